@@ -1,0 +1,143 @@
+"""Command line: `ttscale generate`, `ttscale chat`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ttscale.loader.errors import ModelLoadError
+from ttscale.sampling.params import SamplingParams
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="HF folder or .gguf file (default: embedded SmolLM2)"),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
+
+
+def _load(model: str | None, threads: int | None, **options):
+    from ttscale.llm import LLM
+
+    try:
+        llm = LLM(model, num_threads=threads, **options)
+    except (ModelLoadError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    err.print(f"[dim]loaded {llm.source} in {llm.load_seconds:.1f} s[/dim]")
+    return llm
+
+
+def _params(**kwargs) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the user message (or raw text with --raw)")],
+    model: ModelOpt = None,
+    n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
+    max_tokens: int = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    raw: Annotated[bool, typer.Option(help="don't apply the chat template")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Generate an answer (n samples share the prompt's KV cache)."""
+    params = _params(
+        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=min_p, seed=seed, stop=tuple(stop or ()),
+    )
+    llm = _load(model, threads)
+    try:
+        if raw or not llm.tokenizer.has_chat_template:
+            out = llm.generate(prompt, params)[0]
+        else:
+            out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if json_out:
+        print(json.dumps({
+            "outputs": [
+                {"text": o.text, "finish_reason": o.finish_reason, "tokens": len(o.token_ids)}
+                for o in out.outputs
+            ],
+            "usage": vars(out.usage),
+        }))
+        return
+    for o in out.outputs:
+        if n > 1:
+            err.print(f"[bold]--- sample {o.index} ({o.finish_reason})[/bold]")
+        print(o.text)
+    u = out.usage
+    err.print(
+        f"[dim]prompt {u.prompt_tokens} tok (cached {u.cached_prompt_tokens}, computed "
+        f"{u.computed_prompt_tokens}), generated {u.generated_tokens} tok, "
+        f"peak KV {u.peak_kv_blocks} blocks[/dim]"
+    )
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Interactive chat with streaming output. Ctrl-D or /exit to quit."""
+    params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    llm = _load(model, threads)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in {"/exit", "/quit"}:
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        text = llm.tokenizer.apply_chat_template(history)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= llm.engine.max_model_len:
+            err.print("[red]conversation exceeds the context; start a new chat[/red]")
+            history.pop()
+            continue
+        reply = ""
+        sys.stdout.write("assistant> ")
+        for out in llm.stream(ids, params, text):
+            delta = out.outputs[0].text_delta
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

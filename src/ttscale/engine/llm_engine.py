@@ -1,0 +1,282 @@
+"""The engine loop: schedule -> run -> update, plus add_request / fork / abort.
+
+This is the low-level API strategies and the server build on. One `step()` advances every
+running sequence by the tokens the scheduler granted and returns the outputs that changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from ttscale.engine.block_manager import BlockManager
+from ttscale.engine.model_runner import CacheConfig, ModelRunner
+from ttscale.engine.outputs import CompletionOutput, RequestOutput, Usage
+from ttscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from ttscale.engine.sequence import Request, Sequence, SequenceStatus
+from ttscale.sampling.detokenizer import IncrementalDetokenizer
+from ttscale.sampling.params import SamplingParams
+from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
+from ttscale.tokenizer import Tokenizer
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        cache_config: CacheConfig = CacheConfig(),
+        scheduler_config: SchedulerConfig = SchedulerConfig(),
+        device: torch.device | str = "cpu",
+        max_model_len: int | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = torch.device(device)
+        self.runner = ModelRunner(model, cache_config, self.device)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.sampler = Sampler()
+        # A sequence longer than the pool could never run, even alone: cap it.
+        pool_tokens = self.runner.num_blocks * cache_config.block_size
+        limit = min(max_model_len or model.config.max_position_embeddings, pool_tokens)
+        self.max_model_len = limit
+        self.requests: dict[str, Request] = {}
+        self.sequences: dict[int, Sequence] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "model_time": 0.0}
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        retain: bool = False,
+    ) -> Request:
+        """Queues a request. `retain=True` keeps finished sequences' KV until `release()` so a
+        search strategy can fork them later."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this engine's context holds "
+                f"{self.max_model_len} (prompt plus at least one generated token)"
+            )
+        request = Request(request_id, ids, params, next(self._arrivals), prompt, retain=retain)
+        seq = self._new_sequence(request, index=0, token_ids=list(ids))
+        request.forked = params.n == 1
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request=request,
+            index=index,
+            token_ids=token_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
+            generator=None if params.greedy else make_generator(params.seed, index),
+        )
+        request.sequences.append(seq)
+        self.sequences[seq.seq_id] = seq
+        return seq
+
+    def fork(self, seq_id: int, n: int) -> list[Sequence]:
+        """n children of a sequence that share all its KV blocks; no recomputation.
+
+        Works at any point: mid-prefill, mid-generation, or on a finished sequence of a
+        retained request (the children then continue generating from its last token).
+        """
+        parent = self.sequences[seq_id]
+        request = parent.request
+        children = []
+        for _ in range(n):
+            index = len(request.sequences)
+            generator = None if request.params.greedy else make_generator(request.params.seed, index)
+            child = parent.clone(next(self._seq_ids), index, generator)
+            request.sequences.append(child)
+            self.sequences[child.seq_id] = child
+            children.append(child)
+        if self.block_manager.has_seq(parent.seq_id):
+            self.block_manager.fork(parent.seq_id, [c.seq_id for c in children])
+        for child in children:
+            child.finish_reason = child.stop_reason = None
+            if self.block_manager.has_seq(child.seq_id):
+                # Running, or finished and retained: continue on the shared blocks at once.
+                child.status = SequenceStatus.RUNNING
+                self.scheduler.add_running(child)
+            else:  # the parent waits (preempted or not yet admitted): so do the children
+                child.num_computed_tokens = 0
+                self.scheduler.add(child)
+        return children
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request now and frees its blocks at once."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if seq.status is not SequenceStatus.FINISHED:
+                self._finish(seq, "abort")
+        self.release(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Forgets a finished request, freeing any KV it retained."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            self.scheduler.remove(seq)
+            if self.block_manager.has_seq(seq.seq_id):
+                self.block_manager.free(seq.seq_id)
+            self.sequences.pop(seq.seq_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        t0 = time.perf_counter()
+        logits = self.runner.run(batch)
+        self.stats["model_time"] += time.perf_counter() - t0
+        return self._update(batch, logits)
+
+    def _update(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        self.stats["steps"] += 1
+        to_sample: list[Sequence] = []
+        for s in batch.seqs:
+            seq = self.sequences[s.seq_id]
+            n = len(s.token_ids)
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens <= seq.num_prompt_tokens:
+                seq.request.num_computed_prompt_tokens += n
+                self.stats["prefill_tokens"] += n
+            else:
+                self.stats["decode_tokens"] += n
+            self.block_manager.commit_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if s.sample:
+                to_sample.append(seq)
+
+        # Parallel sampling: the prompt was prefilled once; now fork it into n samples that
+        # share its blocks, and draw each sample's first token from the same logits row.
+        rows: list[Sequence] = []
+        row_logits: list[int] = []
+        for i, seq in enumerate(to_sample):
+            family = [seq]
+            if not seq.request.forked:
+                seq.request.forked = True
+                family += self.fork(seq.seq_id, seq.request.params.n - 1)
+            rows += family
+            row_logits += [i] * len(family)
+        if len(row_logits) != len(to_sample):
+            logits = logits[torch.tensor(row_logits, device=logits.device)]
+
+        touched: dict[str, Request] = {}
+        if rows:
+            result = self.sampler(logits, [self._sampling_row(seq) for seq in rows])
+            for i, seq in enumerate(rows):
+                self._append_token(seq, result, i)
+                touched[seq.request.request_id] = seq.request
+        for request in touched.values():
+            used = sum(
+                len(self.block_manager.block_table(s.seq_id))
+                for s in request.sequences
+                if self.block_manager.has_seq(s.seq_id)
+            )
+            request.peak_kv_blocks = max(request.peak_kv_blocks, used)
+        outputs = [self._output(r) for r in touched.values()]
+        for request in touched.values():
+            if request.finished and not request.retain:
+                self.release(request.request_id)
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(
+            params=seq.request.params,
+            generator=seq.generator,
+            prompt_token_ids=seq.request.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+        )
+
+    def _append_token(self, seq: Sequence, result, i: int) -> None:
+        params = seq.request.params
+        token = result.token_ids[i]
+        seq.token_ids.append(token)
+        if result.logprobs is not None and params.logprobs is not None:
+            seq.logprobs.append(result.logprobs[i])
+            if result.top_logprobs is not None:
+                seq.top_logprobs.append(result.top_logprobs[i])
+        is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        is_stop_id = token in params.stop_token_ids
+        if not (is_eos or is_stop_id) or not params.skip_special_tokens:
+            seq.pending_delta += seq.detokenizer.append(token) or ""
+        if seq.num_output_tokens >= params.min_tokens and (is_eos or is_stop_id):
+            self._finish(seq, "stop", stop_reason=None if is_eos else token)
+        elif seq.detokenizer.stopped:
+            self._finish(seq, "stop", stop_reason=seq.detokenizer.stop_reason)
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.pending_delta += seq.detokenizer.finish()
+        self.scheduler.remove(seq)
+        if not seq.request.retain and self.block_manager.has_seq(seq.seq_id):
+            self.block_manager.free(seq.seq_id)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.sequences:
+            delta, seq.pending_delta = seq.pending_delta, ""
+            want_lp = request.params.logprobs is not None
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.text,
+                    token_ids=seq.output_token_ids,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if want_lp else None,
+                    top_logprobs=list(seq.top_logprobs) if want_lp else None,
+                    text_delta=delta,
+                )
+            )
+        generated = sum(s.num_output_tokens for s in request.sequences)
+        usage = Usage(
+            prompt_tokens=len(request.prompt_token_ids),
+            cached_prompt_tokens=request.num_cached_prompt_tokens,
+            computed_prompt_tokens=request.num_computed_prompt_tokens,
+            generated_tokens=generated,
+            peak_kv_blocks=request.peak_kv_blocks,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=request.finished,
+            usage=usage,
+        )

@@ -1,0 +1,41 @@
+"""What the engine returns per request (shaped like vLLM's RequestOutput)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    cached_prompt_tokens: int  # served by the prefix cache (no compute)
+    computed_prompt_tokens: int  # run through the model, recomputation after preemption included
+    generated_tokens: int  # over all n samples
+    peak_kv_blocks: int  # blocks held by this request's sequences together, at most
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    text_delta: str = ""  # new text since the previous output of this sequence (streaming)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return sum(self.logprobs) if self.logprobs is not None else None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    usage: Usage
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,98 @@
+"""Requests and their sequences: the engine's unit of work is a sequence of tokens.
+
+A request with `n` samples starts as one sequence; when its prompt is prefilled the engine forks
+it into `n` sequences that share every KV block (see LLMEngine.fork). Search strategies fork
+sequences mid-generation the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ttscale.sampling.detokenizer import IncrementalDetokenizer
+from ttscale.sampling.params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # monotonically increasing: FCFS order, and "newest" for preemption
+    prompt: str | None = None
+    sequences: list[Sequence] = field(default_factory=list)
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_computed_prompt_tokens: int = 0  # prompt tokens run through the model (incl. recompute)
+    peak_kv_blocks: int = 0  # blocks held by all its sequences together, at most
+    forked: bool = False  # the n samples exist
+    retain: bool = False  # keep finished sequences' blocks until release() (for search)
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.status is SequenceStatus.FINISHED for s in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Invariant: token_ids[:num_computed_tokens] have their KV in the cache (while RUNNING)."""
+
+    seq_id: int
+    request: Request
+    index: int  # which of the request's samples this is (seeds its RNG)
+    token_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # matched stop string or stop token id
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    num_preemptions: int = 0
+    pending_delta: str = ""  # text produced since the last RequestOutput (streaming)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        """Smaller is older: preemption evicts the largest."""
+        return (self.request.arrival, self.index)
+
+    def clone(self, seq_id: int, index: int, generator: torch.Generator | None) -> Sequence:
+        """A child that continues from exactly this sequence's state (tokens, text, logprobs)."""
+        return Sequence(
+            seq_id=seq_id,
+            request=self.request,
+            index=index,
+            token_ids=list(self.token_ids),
+            detokenizer=copy.copy(self.detokenizer),
+            generator=generator,
+            num_computed_tokens=self.num_computed_tokens,
+            status=self.status,
+            logprobs=list(self.logprobs),
+            top_logprobs=list(self.top_logprobs),
+        )

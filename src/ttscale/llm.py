@@ -1,0 +1,158 @@
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))` and `.chat(...)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ttscale.engine.llm_engine import LLMEngine
+from ttscale.engine.model_runner import CacheConfig
+from ttscale.engine.outputs import RequestOutput
+from ttscale.engine.scheduler import SchedulerConfig
+from ttscale.loader import load_checkpoint
+from ttscale.models.config import ModelConfig
+from ttscale.models.registry import build_model
+from ttscale.sampling.params import SamplingParams
+from ttscale.tokenizer import Message
+
+Prompt = str | Sequence[int]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _split_options(options: dict[str, Any]) -> tuple[CacheConfig, SchedulerConfig]:
+    """Routes flat engine keyword options to the component configs that own them."""
+    parts = []
+    for cls in (CacheConfig, SchedulerConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts.append(cls(**{k: options.pop(k) for k in list(options) if k in names}))
+    if options:
+        raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
+    return parts[0], parts[1]
+
+
+class LLM:
+    """A loaded model plus its engine. `model=None` loads the embedded SmolLM2-135M-Instruct.
+
+    Engine options (see CacheConfig / SchedulerConfig): block_size, kv_cache_gb,
+    enable_prefix_caching, attention, max_num_batched_tokens, max_num_seqs,
+    enable_chunked_prefill. `num_threads` sets torch's CPU threads.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        num_threads: int | None = None,
+        max_model_len: int | None = None,
+        **engine_options: Any,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        cache_config, scheduler_config = _split_options(dict(engine_options))
+        t0 = time.perf_counter()
+        checkpoint = load_checkpoint(model, _DTYPES[dtype])
+        self.config = ModelConfig.from_hf(checkpoint.config)
+        network = build_model(self.config, checkpoint.tensors, _DTYPES[dtype]).to(device)
+        self.load_seconds = time.perf_counter() - t0
+        self.source = checkpoint.source
+        self.tokenizer = checkpoint.tokenizer
+        self.tokenizer.eos_token_ids |= frozenset(self.config.eos_token_ids)
+        self.engine = LLMEngine(
+            network, self.tokenizer, cache_config, scheduler_config, device, max_model_len
+        )
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Runs every prompt (text or token ids) to completion; outputs keep the input order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        encoded = []
+        for p in prompts:  # type: ignore[union-attr]
+            if isinstance(p, str):
+                encoded.append((p, self.tokenizer.encode(p)))
+            else:
+                encoded.append((None, list(p)))
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation or a list of them, rendered with the model's chat template."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        encoded = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv)  # type: ignore[arg-type]
+            encoded.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+        return self._run(encoded, params, use_tqdm)
+
+    def stream(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, prompt: str | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yields the request's output after every step that changed it (text_delta is new)."""
+        request_id = f"stream-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt_token_ids, params, prompt)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(request_id)
+
+    def _run(
+        self,
+        encoded: list[tuple[str | None, list[int]]],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params or SamplingParams()] * len(encoded)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(encoded):
+                raise ValueError("pass one SamplingParams or one per prompt")
+        ids = [f"req-{next(self._ids)}" for _ in encoded]
+        try:
+            for request_id, (text, tokens), p in zip(ids, encoded, params_list, strict=True):
+                self.engine.add_request(request_id, tokens, p, text)
+            results: dict[str, RequestOutput] = {}
+            generated = dict.fromkeys(ids, 0)
+            # Total is an upper bound (max_tokens); sequences that stop early end the bar short.
+            total = sum(p.n * p.max_tokens for p in params_list)
+            show = use_tqdm and total >= 1024
+            with tqdm(total=total, desc="generating", unit="tok", disable=not show) as bar:
+                while len(results) < len(ids):
+                    for out in self.engine.step():
+                        bar.update(out.usage.generated_tokens - generated[out.request_id])
+                        generated[out.request_id] = out.usage.generated_tokens
+                        if out.finished:
+                            results[out.request_id] = out
+            return [results[i] for i in ids]
+        finally:
+            for request_id in ids:
+                self.engine.abort(request_id)

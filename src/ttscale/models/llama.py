@@ -1,0 +1,193 @@
+"""Llama-style decoder (Llama 2/3, SmolLM), in plain PyTorch over flattened tokens.
+
+Qwen2, Qwen3 and Mistral are this decoder with a few switches (see their files). The forward
+takes the tokens of many sequences concatenated, `(T,)`, with their positions; the attention
+context owns the KV cache, so the model never pads to batch x max_len.
+
+Speed: q/k/v and gate/up projections are fused into one matmul each at load time (as gpt-fast
+and vLLM do); `load_weights` maps the checkpoint's own parameter names onto the fused tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttscale.attention.base import AttentionContext
+from ttscale.loader.errors import ModelLoadError
+from ttscale.models.config import ModelConfig
+from ttscale.models.layers import RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attn: AttentionContext,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.n_heads, self.head_dim)
+        k = k.view(T, self.n_kv_heads, self.head_dim)
+        v = v.view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalizes each head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = attn(self.layer_idx, q, k, v)  # (T, n_heads, head_dim)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attn: AttentionContext,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM. `forward` returns hidden states; `compute_logits` applies the head.
+
+    Keeping the head separate lets the engine project only the rows it samples from (one per
+    sequence) instead of every prefill token: at vocab 49k that is most of a prefill's FLOPs.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext
+    ) -> torch.Tensor:
+        """input_ids, positions: (T,) -> hidden states (T, hidden_size)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, attn)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (N, hidden_size) -> fp32 logits (N, vocab_size)."""
+        return self.lm_head(hidden).float()
+
+    # ---- weights ------------------------------------------------------------------------
+
+    # checkpoint name suffix -> (our parameter suffix, shard index within the fused tensor)
+    _FUSED = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+        "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+        "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+        "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    }
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Loads a state dict with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
+
+        Every parameter must be provided with the shape the config implies; anything missing,
+        unexpected or mis-shaped raises `ModelLoadError` naming the tensor. Parameters are
+        replaced, not copied into, so a model built on the meta device loads without a
+        throw-away random init.
+        """
+        self._dtype = dtype
+        params = dict(self.named_parameters(remove_duplicate=False))
+        shards: dict[str, list[torch.Tensor | None]] = {}
+        seen: set[str] = set()
+        for name, tensor in tensors.items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # a cached buffer some old checkpoints saved; we recompute it
+            ours = name.removeprefix("model.")
+            if ours == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # tied: the embedding is the head (some exporters save both)
+            for theirs, (fused, index) in self._FUSED.items():
+                if f".{theirs}." in f".{ours}":
+                    ours = ours.replace(theirs, fused)
+                    shards.setdefault(ours, [None] * (3 if "qkv" in fused else 2))[index] = tensor
+                    break
+            else:
+                self._assign(params, ours, tensor, source=name)
+                seen.add(ours)
+        for ours, parts in shards.items():
+            if any(p is None for p in parts):
+                raise ModelLoadError(f"checkpoint is missing part of {ours} (q/k/v or gate/up)")
+            self._assign(params, ours, torch.cat(parts, dim=0), source=ours)
+            seen.add(ours)
+        if self.config.tie_word_embeddings:
+            seen.add("lm_head.weight")
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise ModelLoadError(
+                f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}"
+            )
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _assign(
+        self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, source: str
+    ) -> None:
+        param = params.get(name)
+        if param is None:
+            raise ModelLoadError(
+                f"unexpected weight {source!r} for {self.config.architecture} "
+                f"(wrong architecture in config.json?)"
+            )
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"weight {source!r} has shape {tuple(tensor.shape)} but the config implies "
+                f"{tuple(param.shape)}: config.json and the weights disagree"
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(tensor.to(self._dtype), requires_grad=False)

@@ -1,0 +1,3 @@
+from ttscale.sampling.params import GREEDY, SamplingParams
+
+__all__ = ["GREEDY", "SamplingParams"]
