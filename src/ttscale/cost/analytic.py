@@ -1,0 +1,483 @@
+"""What-if mode: price a test-time-scaling run without running the model.
+
+The run simulated is parallel sampling: N samples of one prompt of P tokens, G tokens each.
+
+  prefill   one step. With prefix sharing the prompt is computed once and the N samples fork
+            from it (one logits row, from which each sample draws its first token); without,
+            the N copies are computed side by side (N logits rows).
+  decode    G - 1 steps of batch N (the first generated token comes from the prefill logits,
+            each decode step feeds the previous token and samples the next). At decode step
+            j = 1 .. G-1 each sample attends to P + j tokens.
+            KV read at step j:
+              prefix read once (sharing, and an attention path that reads a shared block
+              once for the group):  S + N * (P - S + j)
+              otherwise:            N * (P + j)
+            with S the shared prefix tokens (P, or the whole blocks of it when block_size is
+            given: the prompt's last partial block is copied on write by each sample).
+
+`run_steps` lists these steps as `StepShape`s; `estimate` sums `step_cost` over them in closed
+form (roofline time vectorised over steps), so G = 32k is instant. Every phase is reported in
+FLOPs and bytes, held against the hardware roofline, and combined into Kinetics' eFLOPs
+(Sadhukhan et al., 2025; see model.py).
+
+Search strategies (beam, DVTS, tree, adaptive) are approximated as N samples sharing the
+prompt: a real search re-forks branches from each other as it goes (more sharing, less KV),
+prunes and restarts branches, and calls a verifier; none of that is modelled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ttscale.cost.hardware import (
+    DTYPE_BYTES,
+    Bound,
+    Hardware,
+    normalize_dtype,
+    roofline_time,
+)
+from ttscale.cost.model import LOGIT_BYTES, ModelShape, StepCost, StepShape, step_cost
+
+# --------------------------------------------------------------------------- strategies
+
+_STRATEGY_RE = re.compile(r"^([a-z_-]+)(?:@(\d+)(?:/(\d+))?)?$")
+
+# kind -> (needs @N, accepts /M, approximate, note)
+_KINDS: dict[str, tuple[bool, bool, bool, str]] = {
+    "greedy": (False, False, False, "one greedy sample"),
+    "sample": (False, False, False, "N independent samples (default 1)"),
+    "majority": (True, False, False, "N samples, majority vote on the answers"),
+    "weighted": (True, False, False, "N samples, reward-weighted vote (reward model not priced)"),
+    "bon": (True, False, False, "best of N samples (reward model not priced)"),
+    "beam": (
+        True,
+        True,
+        True,
+        "beam search, N beams of width M: approximated as N samples sharing the prompt",
+    ),
+    "dvts": (
+        True,
+        True,
+        True,
+        "diverse verifier tree search, N branches in subtrees of M: approximated as N samples "
+        "sharing the prompt",
+    ),
+    "tree": (True, False, True, "tree search, N active branches: approximated as N samples"),
+    "adaptive": (
+        True,
+        False,
+        True,
+        "adaptive sampling up to N: priced at its maximum, N samples",
+    ),
+}
+_KIND_ALIASES = {"best-of": "bon", "best_of": "bon", "bestofn": "bon", "vote": "majority"}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy spec reduced to what the cost model needs: how many samples run at once."""
+
+    spec: str
+    kind: str
+    num_samples: int  # N: parallel samples / active branches
+    width: int | None = None  # M of beam@N/M, dvts@N/M
+    approximate: bool = False  # priced as N samples sharing the prompt, which it only resembles
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown strategy kind {self.kind!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"strategy {self.spec!r}: N must be >= 1")
+        if self.width is not None and not 1 <= self.width <= self.num_samples:
+            raise ValueError(f"strategy {self.spec!r}: M must be in [1, N]")
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """Parse `greedy`, `sample[@N]`, `majority@N`, `weighted@N`, `bon@N`, `beam@N[/M]`,
+    `dvts@N[/M]`, `tree@N`, `adaptive@N` (case-insensitive)."""
+    text = str(spec).strip().lower()
+    m = _STRATEGY_RE.match(text)
+    if not m:
+        raise ValueError(f"cannot parse strategy {spec!r}: expected e.g. majority@8 or beam@16/4")
+    kind, n, width = m.group(1), m.group(2), m.group(3)
+    kind = _KIND_ALIASES.get(kind, kind)
+    if kind not in _KINDS:
+        raise ValueError(f"unknown strategy {kind!r} in {spec!r}: use one of {', '.join(_KINDS)}")
+    needs_n, takes_m, approximate, note = _KINDS[kind]
+    if kind == "greedy" and n is not None:
+        raise ValueError("greedy takes no @N (it is one deterministic sample)")
+    if needs_n and n is None:
+        raise ValueError(f"strategy {kind!r} needs a sample count: {kind}@N")
+    if width is not None and not takes_m:
+        raise ValueError(f"strategy {kind!r} takes no /M")
+    return Strategy(
+        spec=text,
+        kind=kind,
+        num_samples=int(n) if n is not None else 1,
+        width=int(width) if width is not None else None,
+        approximate=approximate,
+        note=note,
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The shape of a parallel-sampling run (validated; see the module docstring)."""
+
+    prompt_len: int
+    gen_len: int
+    num_samples: int
+    share_prefix: bool = True
+    # Whether attention reads a shared prefix block once for all samples (None: as
+    # share_prefix). Sharing memory but gathering per sequence gives read_prefix_once=False.
+    read_prefix_once: bool | None = None
+    block_size: int | None = None  # None: sharing at token granularity
+
+    def __post_init__(self) -> None:
+        for f in ("prompt_len", "gen_len", "num_samples"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"invalid run: {f}={value!r} must be an integer >= 1")
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size < 1
+        ):
+            raise ValueError(f"invalid run: block_size={self.block_size!r} must be >= 1")
+        if self.read_prefix_once is None:
+            object.__setattr__(self, "read_prefix_once", self.share_prefix)
+        if self.read_prefix_once and not self.share_prefix:
+            raise ValueError("invalid run: read_prefix_once needs share_prefix")
+
+    @property
+    def decode_steps(self) -> int:
+        return self.gen_len - 1
+
+    def _shareable_tokens(self) -> int:
+        """Prompt tokens whose KV blocks stay shared once the samples start writing: all of
+        them at token granularity (or before any decode step); with paging only the whole
+        blocks, as the first write into the prompt's partial last block copies it."""
+        if self.block_size is None or self.decode_steps == 0:
+            return self.prompt_len
+        return self.prompt_len // self.block_size * self.block_size
+
+    @property
+    def shared_tokens(self) -> int:
+        """S: prompt tokens whose KV the samples share (0 without sharing)."""
+        return self._shareable_tokens() if self.share_prefix else 0
+
+    def _slots(self, tokens: int) -> int:
+        """KV slots that `tokens` tokens occupy: rounded up to whole blocks when paged."""
+        b = self.block_size
+        return tokens if b is None else -(-tokens // b) * b
+
+    def peak_kv_tokens(self, shared: bool) -> int:
+        """KV slots held at the end of the run, with or without prefix sharing (every sample
+        at P + G - 1 tokens: the last sampled token is never fed back, so its KV is never
+        written)."""
+        end = self.prompt_len + self.decode_steps
+        if not shared:
+            return self.num_samples * self._slots(end)
+        s = self._shareable_tokens()
+        return self._slots(s) + self.num_samples * self._slots(end - s)
+
+
+def prefill_step(run: RunSpec) -> StepShape:
+    """The prefill: the prompt once (sharing) or N times (no sharing)."""
+    p = run.prompt_len
+    copies = 1 if run.share_prefix else run.num_samples
+    return StepShape((p,) * copies, (p,) * copies, num_logits=copies)
+
+
+def decode_step(run: RunSpec, j: int) -> StepShape:
+    """Decode step j (1-based): each of the N samples feeds one token at context P + j."""
+    if not 1 <= j <= run.decode_steps:
+        raise ValueError(f"decode step {j} outside 1..{run.decode_steps}")
+    n, c = run.num_samples, run.prompt_len + j
+    if run.read_prefix_once:
+        s = run.shared_tokens
+        kv_read = s + n * (c - s)
+    else:
+        kv_read = n * c
+    return StepShape((1,) * n, (c,) * n, kv_tokens_read=kv_read, num_logits=n)
+
+
+def run_steps(run: RunSpec) -> list[StepShape]:
+    """Every step of the run, in order (what `estimate` sums in closed form)."""
+    return [prefill_step(run), *(decode_step(run, j) for j in range(1, run.decode_steps + 1))]
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    """One phase of the run held against the roofline."""
+
+    name: str
+    steps: int
+    tokens: int  # new tokens computed
+    cost: StepCost
+    compute_time: float  # sum over steps of FLOPs / peak
+    memory_time: float  # sum over steps of bytes / bandwidth
+    time: float  # sum over steps of max(compute, memory): the roofline lower bound
+    bound: Bound  # which of the two summed terms is larger
+    efflops: float  # FLOPs + I * bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            **self.cost.to_dict(),
+            "compute_time_s": self.compute_time,
+            "memory_time_s": self.memory_time,
+            "time_s": self.time,
+            "bound": self.bound,
+            "efflops": self.efflops,
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The priced run: per phase, totals, and KV memory with and without prefix sharing."""
+
+    model: str
+    hardware: str
+    dtype: str
+    run: RunSpec
+    weight_bytes_per_param: float
+    kv_bytes: float
+    prefill: PhaseEstimate
+    decode: PhaseEstimate
+    weight_bytes: float  # stored weights (all parameters)
+    peak_kv_bytes_shared: float  # KV held at the end with prefix sharing
+    peak_kv_bytes_unshared: float  # ... and with every sample holding its own copy
+    memory_bytes: float  # the hardware's memory
+    strategy: Strategy | None = field(default=None)
+
+    @property
+    def total(self) -> StepCost:
+        return self.prefill.cost + self.decode.cost
+
+    @property
+    def time(self) -> float:
+        return self.prefill.time + self.decode.time
+
+    @property
+    def efflops(self) -> float:
+        return self.prefill.efflops + self.decode.efflops
+
+    @property
+    def peak_kv_bytes(self) -> float:
+        """KV held at the end under the run's own sharing setting."""
+        return self.peak_kv_bytes_shared if self.run.share_prefix else self.peak_kv_bytes_unshared
+
+    @property
+    def fits_memory(self) -> bool:
+        return self.weight_bytes + self.peak_kv_bytes <= self.memory_bytes
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens (N * G) per second of roofline time."""
+        return self.run.num_samples * self.run.gen_len / self.time if self.time else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        strategy = None
+        if self.strategy is not None:
+            s = self.strategy
+            strategy = {
+                "spec": s.spec,
+                "kind": s.kind,
+                "num_samples": s.num_samples,
+                "width": s.width,
+                "approximate": s.approximate,
+                "note": s.note,
+            }
+        return {
+            "model": self.model,
+            "hardware": self.hardware,
+            "dtype": self.dtype,
+            "strategy": strategy,
+            "prompt_len": self.run.prompt_len,
+            "gen_len": self.run.gen_len,
+            "num_samples": self.run.num_samples,
+            "share_prefix": self.run.share_prefix,
+            "read_prefix_once": self.run.read_prefix_once,
+            "block_size": self.run.block_size,
+            "weight_bytes_per_param": self.weight_bytes_per_param,
+            "kv_bytes": self.kv_bytes,
+            "phases": {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict()},
+            "total": {
+                **self.total.to_dict(),
+                "time_s": self.time,
+                "efflops": self.efflops,
+                "tokens_per_second": self.tokens_per_second,
+            },
+            "weight_bytes": self.weight_bytes,
+            "peak_kv_bytes": self.peak_kv_bytes,
+            "peak_kv_bytes_shared": self.peak_kv_bytes_shared,
+            "peak_kv_bytes_unshared": self.peak_kv_bytes_unshared,
+            "memory_bytes": self.memory_bytes,
+            "fits_memory": self.fits_memory,
+        }
+
+
+def _phase(
+    name: str,
+    steps: int,
+    tokens: int,
+    cost: StepCost,
+    step_flops: np.ndarray,
+    step_bytes: np.ndarray,
+    hw: Hardware,
+    dtype: str,
+) -> PhaseEstimate:
+    """Roofline per step (a vector over the phase's steps), summed."""
+    peak, bw = hw.peak_flops(dtype), hw.mem_bandwidth
+    t_compute = step_flops / peak
+    t_memory = step_bytes / bw
+    ct, mt = float(t_compute.sum()), float(t_memory.sum())
+    return PhaseEstimate(
+        name=name,
+        steps=steps,
+        tokens=tokens,
+        cost=cost,
+        compute_time=ct,
+        memory_time=mt,
+        time=float(np.maximum(t_compute, t_memory).sum()),
+        bound="compute" if ct >= mt else "memory",
+        efflops=cost.efflops(hw.intensity(dtype)),
+    )
+
+
+def estimate(
+    shape: ModelShape,
+    prompt_len: int,
+    gen_len: int,
+    num_samples: int,
+    hw: Hardware,
+    share_prefix: bool = True,
+    dtype: str = "bf16",
+    *,
+    read_prefix_once: bool | None = None,
+    block_size: int | None = None,
+    weight_bytes_per_param: float | None = None,
+    kv_bytes: float | None = None,
+    strategy: Strategy | None = None,
+) -> Estimate:
+    """Price N parallel samples of one prompt (see the module docstring for the steps).
+
+    dtype sets the compute rate and, unless overridden, the bytes per weight and per KV
+    element (e.g. weight_bytes_per_param=0.5625 for 4.5-bit quantised weights).
+    """
+    dtype = normalize_dtype(dtype)
+    wb = float(DTYPE_BYTES[dtype] if weight_bytes_per_param is None else weight_bytes_per_param)
+    kb = float(DTYPE_BYTES[dtype] if kv_bytes is None else kv_bytes)
+    run = RunSpec(prompt_len, gen_len, num_samples, share_prefix, read_prefix_once, block_size)
+    p, n, d_steps = run.prompt_len, run.num_samples, run.decode_steps
+
+    # Prefill: a single step, priced directly.
+    pre = step_cost(shape, prefill_step(run), wb, kb)
+    prefill = _phase(
+        "prefill",
+        1,
+        p * (1 if share_prefix else n),
+        pre,
+        np.array([pre.flops]),
+        np.array([pre.bytes]),
+        hw,
+        dtype,
+    )
+
+    # Decode, closed form over j = 1..D (D = G - 1), per step j:
+    #   FLOPs      2*P_nonlm*N + 2*D_h*V*N + 4*L*H*d*N*(P + j)
+    #   weights    (P_nonlm + D_h*V) * wb              (every step samples, so lm_head is read)
+    #   KV read    (S + N*(P - S + j)) * kv_tok        prefix read once
+    #              N*(P + j) * kv_tok                  otherwise
+    #   KV write   N * kv_tok;  logits  N * V * 4
+    # Sums use sum_j j = D*(D+1)/2; exact in Python integers before the final float.
+    kv_tok = shape.kv_bytes_per_token(kb)
+    attn = 4 * shape.layers * shape.heads * shape.head_dim
+    per_token_linear = 2 * shape.linear_params_nonlm + 2 * shape.lm_head_params
+    sum_j = d_steps * (d_steps + 1) // 2
+    s = run.shared_tokens
+    if run.read_prefix_once:
+        kv_read_tokens = d_steps * s + n * (d_steps * (p - s) + sum_j)
+    else:
+        kv_read_tokens = n * (d_steps * p + sum_j)
+    decode_cost = StepCost(
+        flops=float(per_token_linear * n * d_steps + attn * n * (d_steps * p + sum_j)),
+        bytes_weights=float(shape.linear_params_per_token * d_steps) * wb,
+        bytes_kv_read=kv_read_tokens * kv_tok,
+        bytes_kv_write=n * d_steps * kv_tok,
+        bytes_activations=float(n * d_steps * shape.vocab * LOGIT_BYTES),
+    )
+    # Per-step vectors for the roofline (time is a sum of per-step maxima).
+    j = np.arange(1, d_steps + 1, dtype=np.float64)
+    step_flops = per_token_linear * n + attn * n * (p + j)
+    read = (s + n * (p - s + j)) if run.read_prefix_once else n * (p + j)
+    step_bytes = (
+        shape.linear_params_per_token * wb
+        + read * kv_tok
+        + n * kv_tok
+        + n * shape.vocab * LOGIT_BYTES
+    )
+    decode = _phase("decode", d_steps, n * d_steps, decode_cost, step_flops, step_bytes, hw, dtype)
+
+    return Estimate(
+        model=shape.name,
+        hardware=hw.name,
+        dtype=dtype,
+        run=run,
+        weight_bytes_per_param=wb,
+        kv_bytes=kb,
+        prefill=prefill,
+        decode=decode,
+        weight_bytes=shape.weight_params * wb,
+        peak_kv_bytes_shared=run.peak_kv_tokens(True) * kv_tok,
+        peak_kv_bytes_unshared=run.peak_kv_tokens(False) * kv_tok,
+        memory_bytes=hw.memory_bytes,
+        strategy=strategy,
+    )
+
+
+def estimate_by_steps(
+    shape: ModelShape,
+    run: RunSpec,
+    hw: Hardware,
+    dtype: str = "bf16",
+    weight_bytes_per_param: float | None = None,
+    kv_bytes: float | None = None,
+) -> tuple[StepCost, StepCost, float]:
+    """Reference implementation: (prefill cost, decode cost, roofline time) by pricing every
+    step of `run_steps` with `step_cost`. O(G) Python; for tests and engine comparisons."""
+    dtype = normalize_dtype(dtype)
+    wb = float(DTYPE_BYTES[dtype] if weight_bytes_per_param is None else weight_bytes_per_param)
+    kb = float(DTYPE_BYTES[dtype] if kv_bytes is None else kv_bytes)
+    costs = [step_cost(shape, st, wb, kb) for st in run_steps(run)]
+    time = sum(roofline_time(c, hw, dtype) for c in costs)
+    return costs[0], sum(costs[1:], StepCost()), time
+
+
+__all__ = [
+    "Estimate",
+    "PhaseEstimate",
+    "RunSpec",
+    "Strategy",
+    "decode_step",
+    "estimate",
+    "estimate_by_steps",
+    "parse_strategy",
+    "prefill_step",
+    "run_steps",
+]
