@@ -34,7 +34,12 @@ def assert_pool_full(llm: LLM) -> None:
     assert not llm.engine.requests and not llm.engine.sequences
 
 
-PROMPTS = [[5, 17, 42, 99, 7, 250, 31], [8, 9, 10], [200, 100, 50, 25, 12, 6, 3, 1, 4, 44, 45], [77]]
+PROMPTS = [
+    [5, 17, 42, 99, 7, 250, 31],
+    [8, 9, 10],
+    [200, 100, 50, 25, 12, 6, 3, 1, 4, 44, 45],
+    [77],
+]
 
 
 def greedy_single(model_dir, prompt, max_tokens=24):
@@ -49,7 +54,10 @@ def test_greedy_matches_transformers(model_dir):
     hf = model_dir[1]
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ref = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+            torch.tensor([prompt]),
+            max_new_tokens=24,
+            min_new_tokens=24,
+            do_sample=False,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
         assert out.outputs[0].token_ids == ref

@@ -25,9 +25,7 @@ def test_sharded_checkpoint_loads_same_weights(tmp_path):
     hf = make_tiny_model(single)
     hf.save_pretrained(str(sharded), max_shard_size="20KB", safe_serialization=True)
     (sharded / "tokenizer.json").write_bytes((single / "tokenizer.json").read_bytes())
-    (sharded / "tokenizer_config.json").write_bytes(
-        (single / "tokenizer_config.json").read_bytes()
-    )
+    (sharded / "tokenizer_config.json").write_bytes((single / "tokenizer_config.json").read_bytes())
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) > 1
     a, b = build(single), build(sharded)
@@ -40,7 +38,9 @@ def test_chat_template_from_jinja_file(tmp_path):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    )
     tok = load_checkpoint(tmp_path).tokenizer
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
 
@@ -57,7 +57,7 @@ def test_hub_name_is_not_downloaded():
 
 def test_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config.json"):
         load_checkpoint(tmp_path)
 
 
@@ -66,7 +66,7 @@ def test_unsupported_architecture(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="unsupported architecture GPT2LMHeadModel.*Llama"):
+    with pytest.raises(ModelLoadError, match=r"unsupported architecture GPT2LMHeadModel.*Llama"):
         build(tmp_path)
 
 
@@ -113,7 +113,7 @@ def test_config_disagrees_with_weights(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 96
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="shape .* config implies"):
+    with pytest.raises(ModelLoadError, match=r"shape .* config implies"):
         build(tmp_path)
 
 
@@ -122,7 +122,7 @@ def test_missing_weight(tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match="missing part of layers.1.mlp.gate_up_proj"):
+    with pytest.raises(ModelLoadError, match=r"missing part of layers.1.mlp.gate_up_proj"):
         build(tmp_path)
 
 

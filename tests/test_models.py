@@ -100,7 +100,10 @@ def test_64_greedy_tokens_match_transformers(tmp_path, arch):
         generated.append(int(last[-1].argmax()))
         last = runner.step({0: generated[-1:]})[0]
     ref = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+        torch.tensor([prompt]),
+        max_new_tokens=64,
+        min_new_tokens=64,
+        do_sample=False,
         pad_token_id=0,
     )[0, len(prompt) :].tolist()
     assert generated == ref

@@ -60,8 +60,14 @@ def generate(
 ) -> None:
     """Generate an answer (n samples share the prompt's KV cache)."""
     params = _params(
-        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, seed=seed, stop=tuple(stop or ()),
+        n=n,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        stop=tuple(stop or ()),
     )
     llm = _load(model, threads)
     try:
@@ -73,13 +79,21 @@ def generate(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if json_out:
-        print(json.dumps({
-            "outputs": [
-                {"text": o.text, "finish_reason": o.finish_reason, "tokens": len(o.token_ids)}
-                for o in out.outputs
-            ],
-            "usage": vars(out.usage),
-        }))
+        print(
+            json.dumps(
+                {
+                    "outputs": [
+                        {
+                            "text": o.text,
+                            "finish_reason": o.finish_reason,
+                            "tokens": len(o.token_ids),
+                        }
+                        for o in out.outputs
+                    ],
+                    "usage": vars(out.usage),
+                }
+            )
+        )
         return
     for o in out.outputs:
         if n > 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers import PreTrainedTokenizerFast
 
 Message = dict[str, str]
 
@@ -42,7 +42,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
-        """Loads `tokenizer.json` / `tokenizer_config.json` / `chat_template.jinja` of an HF folder."""
+        """Loads tokenizer.json, tokenizer_config.json and chat_template.jinja of an HF folder."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(

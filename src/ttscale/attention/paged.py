@@ -78,7 +78,7 @@ class AttentionMetadata:
     def context_slots(self, i: int, device: torch.device) -> torch.Tensor:
         """(context_lens[i],) flat slots of sequence i's whole context, in position order."""
         blocks = torch.tensor(self.block_tables[i], device=device)
-        slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=device))
+        slots = blocks[:, None] * self.block_size + torch.arange(self.block_size, device=device)
         return slots.flatten()[: self.context_lens[i]]
 
 
@@ -128,12 +128,18 @@ class ReferencePagedAttention(_PagedAttentionBase):
 
 
 class PagedAttention(_PagedAttentionBase):
-    """Fast path: all single-token (decode) rows in one batched SDPA over gathered KV.
+    """Fast path. Decode rows (one query token) run batched; prefill chunks run one SDPA each.
 
-    Multi-token rows (prefill chunks) run one SDPA each; their cost is dominated by the linear
-    layers anyway. The gather index for the decode rows is built once per step and reused by
-    every layer.
+    Decode rows whose block tables start with the same full blocks (the n samples of one
+    prompt, the branches of a search tree) form a group, and the group's shared prefix is read
+    once: its keys are gathered once and hit by every query of the group in one matmul
+    ("cascade" attention). Each row then attends over its private suffix, and the two partial
+    softmaxes are merged by their log-sum-exp. KV traffic per step drops from
+    sum(context) to prefix + sum(suffix), which is what makes many samples cheap.
     """
+
+    # A prefix shorter than this many blocks is not worth a separate matmul.
+    MIN_SHARED_BLOCKS = 2
 
     def __init__(
         self, cache: KVCache, meta: AttentionMetadata, scale: float, sliding_window: int | None
@@ -141,26 +147,59 @@ class PagedAttention(_PagedAttentionBase):
         super().__init__(cache, meta, scale, sliding_window)
         device = cache.k.device
         starts = meta.query_start
+        bs = meta.block_size
         decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
         self.prefill = [i for i, n in enumerate(meta.query_lens) if n > 1]
         self.decode_rows = torch.tensor([starts[i] for i in decode], device=device)
-        self.decode_gather: torch.Tensor | None = None
-        if decode:
-            max_ctx = max(meta.context_lens[i] for i in decode)
-            max_blocks = -(-max_ctx // meta.block_size)
-            tables = torch.zeros(len(decode), max_blocks, dtype=torch.long)
+        self.kv_tokens_read = sum(meta.context_lens[i] for i in self.prefill)
+        if not decode:
+            self.suffix_gather = None
+            return
+
+        # Shared prefixes: group decode rows by first block; a group's prefix is the longest
+        # common run of blocks that lie wholly before every member's current token.
+        prefix_blocks = [0] * len(decode)
+        self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows in decode order, slots)
+        if sliding_window is None:
+            by_first: dict[int, list[int]] = {}
             for row, i in enumerate(decode):
-                table = meta.block_tables[i][:max_blocks]
-                tables[row, : len(table)] = torch.tensor(table)
-            offsets = torch.arange(meta.block_size)
-            gather = (tables[:, :, None] * meta.block_size + offsets).flatten(1)[:, :max_ctx]
-            ctx = torch.tensor([meta.context_lens[i] for i in decode])
-            k_pos = torch.arange(max_ctx)[None, :]
-            valid = k_pos < ctx[:, None]
-            if sliding_window is not None:
-                valid &= k_pos > (ctx[:, None] - 1 - sliding_window)
-            self.decode_gather = gather.to(device)  # (B, S)
-            self.decode_mask = valid[:, None, None, :].to(device)  # (B, 1, 1, S)
+                by_first.setdefault(meta.block_tables[i][0], []).append(row)
+            for rows in by_first.values():
+                if len(rows) < 2:
+                    continue
+                tables = [meta.block_tables[decode[r]] for r in rows]
+                limit = min((meta.context_lens[decode[r]] - 1) // bs for r in rows)
+                common = 0
+                first = tables[0]
+                while common < limit and all(t[common] == first[common] for t in tables):
+                    common += 1
+                if common < self.MIN_SHARED_BLOCKS:
+                    continue
+                for r in rows:
+                    prefix_blocks[r] = common
+                blocks = torch.tensor(first[:common])
+                slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+                self.groups.append((torch.tensor(rows, device=device), slots.to(device)))
+                self.kv_tokens_read += common * bs
+
+        # Private suffixes, padded to the longest; masked slots point at slot 0 (finite data).
+        starts_pos = [p * bs for p in prefix_blocks]
+        suffix_lens = [meta.context_lens[i] - s for i, s in zip(decode, starts_pos, strict=True)]
+        self.kv_tokens_read += sum(suffix_lens)
+        width = max(suffix_lens)
+        gather = torch.zeros(len(decode), width, dtype=torch.long)
+        for row, i in enumerate(decode):
+            table = torch.tensor(meta.block_tables[i][prefix_blocks[row] :])
+            slots = (table[:, None] * bs + torch.arange(bs)).flatten()[: suffix_lens[row]]
+            gather[row, : suffix_lens[row]] = slots
+        k_pos = torch.arange(width)[None, :]
+        lens = torch.tensor(suffix_lens)[:, None]
+        valid = k_pos < lens
+        if sliding_window is not None:
+            valid &= k_pos > lens - 1 - sliding_window
+        self.suffix_gather = gather.to(device)  # (B, S)
+        self.suffix_bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+        self.suffix_bias = self.suffix_bias[:, None, None, :].to(device)  # (B, 1, 1, S)
 
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -168,17 +207,49 @@ class PagedAttention(_PagedAttentionBase):
         self._store(layer_idx, k, v)
         out = torch.empty_like(q)
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        enable_gqa = q.shape[1] != k.shape[1]
-        if self.decode_gather is not None:
-            B, S = self.decode_gather.shape
-            keys = k_pool[self.decode_gather].transpose(1, 2)  # (B, KVH, S, D)
-            values = v_pool[self.decode_gather].transpose(1, 2)
-            qd = q[self.decode_rows].unsqueeze(2)  # (B, H, 1, D)
-            o = F.scaled_dot_product_attention(
-                qd, keys, values, attn_mask=self.decode_mask, scale=self.scale,
-                enable_gqa=enable_gqa,
-            )
-            out[self.decode_rows] = o.squeeze(2)
+        if self.suffix_gather is not None:
+            out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool)
+        self._prefill(q, out, k_pool, v_pool)
+        return out
+
+    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """q: (B, H, D) one token per row -> (B, H, D)."""
+        B, H, D = q.shape
+        kvh = k_pool.shape[1]
+        g = H // kvh
+        qg = q.view(B, kvh, g, D) * self.scale  # (B, KVH, G, D): GQA without repeating KV
+        # Suffix: scores (B, KVH, G, S), kept as max / sum / unnormalized output.
+        keys = k_pool[self.suffix_gather].permute(0, 2, 3, 1)  # (B, KVH, D, S)
+        values = v_pool[self.suffix_gather].transpose(1, 2)  # (B, KVH, S, D)
+        scores = torch.matmul(qg, keys) + self.suffix_bias
+        m = scores.amax(dim=-1, keepdim=True)  # (B, KVH, G, 1)
+        p = torch.exp(scores - m)
+        acc = torch.matmul(p, values)  # (B, KVH, G, D)
+        denom = p.sum(dim=-1, keepdim=True)
+        for rows, slots in self.groups:
+            # Prefix read once for the group: (KVH, R*G, D) @ (KVH, D, P).
+            R = rows.shape[0]
+            qp = qg[rows].permute(1, 0, 2, 3).reshape(kvh, R * g, D)
+            kp = k_pool[slots].permute(1, 2, 0)  # (KVH, D, P)
+            vp = v_pool[slots].transpose(0, 1)  # (KVH, P, D)
+            s = torch.bmm(qp, kp)  # (KVH, R*G, P)
+            mp = s.amax(dim=-1, keepdim=True)
+            pp = torch.exp(s - mp)
+            accp = torch.bmm(pp, vp).view(kvh, R, g, D).transpose(0, 1)  # (R, KVH, G, D)
+            denp = pp.sum(dim=-1, keepdim=True).view(kvh, R, g, 1).transpose(0, 1)
+            mp = mp.view(kvh, R, g, 1).transpose(0, 1)
+            # Merge the two partial softmaxes (log-sum-exp rescaling).
+            ms = m[rows]
+            mx = torch.maximum(ms, mp)
+            a, b = torch.exp(ms - mx), torch.exp(mp - mx)
+            acc[rows] = acc[rows] * a + accp * b
+            denom[rows] = denom[rows] * a + denp * b
+        return (acc / denom).reshape(B, H, D)
+
+    def _prefill(
+        self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
+    ) -> None:
+        enable_gqa = q.shape[1] != k_pool.shape[1]
         starts = self.meta.query_start
         for i in self.prefill:
             start, q_len, ctx_len = starts[i], self.meta.query_lens[i], self.meta.context_lens[i]
@@ -196,4 +267,3 @@ class PagedAttention(_PagedAttentionBase):
                     qi, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=enable_gqa
                 )
             out[start : start + q_len] = o.squeeze(0).transpose(0, 1)
-        return out

@@ -108,7 +108,9 @@ class LLMEngine:
         children = []
         for _ in range(n):
             index = len(request.sequences)
-            generator = None if request.params.greedy else make_generator(request.params.seed, index)
+            generator = (
+                None if request.params.greedy else make_generator(request.params.seed, index)
+            )
             child = parent.clone(next(self._seq_ids), index, generator)
             request.sequences.append(child)
             self.sequences[child.seq_id] = child

@@ -102,9 +102,7 @@ class ModelRunner:
             block_tables=[s.block_table for s in batch.seqs],
             block_size=bs,
         )
-        attn = self.attention_cls(
-            self.kv_cache, meta, self.scale, self.model.config.sliding_window
-        )
+        attn = self.attention_cls(self.kv_cache, meta, self.scale, self.model.config.sliding_window)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),

@@ -11,7 +11,9 @@ from ttscale.loader.errors import ModelLoadError
 from ttscale.loader.hf import PICKLE_SUFFIXES, load_hf_folder
 
 
-def load_checkpoint(model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(
+    model: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> Checkpoint:
     """Dispatches on what `model` is. Never reaches a model hub: a name that is not a local
     path is an error, not a download."""
     if model is None:

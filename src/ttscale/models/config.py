@@ -44,7 +44,9 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ModelLoadError(f"config field {name} must be a positive integer, got {value!r}")
+                raise ModelLoadError(
+                    f"config field {name} must be a positive integer, got {value!r}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

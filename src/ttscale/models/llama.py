@@ -10,6 +10,8 @@ and vLLM do); `load_weights` maps the checkpoint's own parameter names onto the 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
     # ---- weights ------------------------------------------------------------------------
 
     # checkpoint name suffix -> (our parameter suffix, shard index within the fused tensor)
-    _FUSED = {
+    _FUSED: ClassVar[dict[str, tuple[str, int]]] = {
         "self_attn.q_proj": ("self_attn.qkv_proj", 0),
         "self_attn.k_proj": ("self_attn.qkv_proj", 1),
         "self_attn.v_proj": ("self_attn.qkv_proj", 2),

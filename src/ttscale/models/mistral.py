@@ -1,4 +1,5 @@
-"""Mistral: the Llama decoder; sliding-window attention comes from the config (see ModelConfig.sliding_window) and is applied by the attention context."""
+"""Mistral: the Llama decoder; its sliding window (ModelConfig.sliding_window) is applied by
+the attention context."""
 
 from ttscale.models.llama import LlamaForCausalLM
 
