@@ -10,6 +10,10 @@ import torch
 
 TINY_VOCAB = 320
 
+# Tiny models are all small ops: one thread avoids thread-pool barriers (and keeps CI quick
+# when another process shares the cores).
+torch.set_num_threads(1)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Test-time scaling spends more compute at inference: samples, votes and search.",

@@ -97,21 +97,29 @@ class LLMEngine:
         self.sequences[seq.seq_id] = seq
         return seq
 
-    def fork(self, seq_id: int, n: int) -> list[Sequence]:
+    def fork(self, seq_id: int, n: int, params: SamplingParams | None = None) -> list[Sequence]:
         """n children of a sequence that share all its KV blocks; no recomputation.
 
         Works at any point: mid-prefill, mid-generation, or on a finished sequence of a
-        retained request (the children then continue generating from its last token).
+        retained request (the children then continue generating from its last token). With
+        `params`, the children start a new step: fresh text, limits counted from here, and
+        their own stop strings (how step-level search advances one reasoning step). Each
+        child's RNG is seeded by (seed, its index in the request), so runs are reproducible.
         """
         parent = self.sequences[seq_id]
         request = parent.request
+        if params is not None and params.n != 1:
+            raise ValueError("a fork's params must have n=1 (the fork count is the argument)")
+        step_params = params or parent.params
         children = []
         for _ in range(n):
             index = len(request.sequences)
-            generator = (
-                None if request.params.greedy else make_generator(request.params.seed, index)
-            )
+            generator = None if step_params.greedy else make_generator(step_params.seed, index)
             child = parent.clone(next(self._seq_ids), index, generator)
+            if params is not None:
+                child.params, child.step_start = params, child.num_tokens
+                child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.token_ids, params)
+                child.logprobs, child.top_logprobs = [], []
             request.sequences.append(child)
             self.sequences[child.seq_id] = child
             children.append(child)
@@ -127,6 +135,18 @@ class LLMEngine:
                 child.num_computed_tokens = 0
                 self.scheduler.add(child)
         return children
+
+    def drop(self, seq_id: int) -> None:
+        """Frees one sequence (a pruned search branch) now; its request lives on."""
+        seq = self.sequences.pop(seq_id, None)
+        if seq is None:
+            return
+        self.scheduler.remove(seq)
+        if self.block_manager.has_seq(seq_id):
+            self.block_manager.free(seq_id)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"
+        seq.request.sequences.remove(seq)
 
     def abort(self, request_id: str) -> None:
         """Stops a request now and frees its blocks at once."""
@@ -215,7 +235,7 @@ class LLMEngine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         return SamplingRow(
-            params=seq.request.params,
+            params=seq.params,
             generator=seq.generator,
             prompt_token_ids=seq.request.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
@@ -223,7 +243,7 @@ class LLMEngine:
         )
 
     def _append_token(self, seq: Sequence, result, i: int) -> None:
-        params = seq.request.params
+        params = seq.params
         token = result.token_ids[i]
         seq.token_ids.append(token)
         if result.logprobs is not None and params.logprobs is not None:
@@ -234,11 +254,11 @@ class LLMEngine:
         is_stop_id = token in params.stop_token_ids
         if not (is_eos or is_stop_id) or not params.skip_special_tokens:
             seq.pending_delta += seq.detokenizer.append(token) or ""
-        if seq.num_output_tokens >= params.min_tokens and (is_eos or is_stop_id):
+        if seq.num_step_tokens >= params.min_tokens and (is_eos or is_stop_id):
             self._finish(seq, "stop", stop_reason=None if is_eos else token)
         elif seq.detokenizer.stopped:
             self._finish(seq, "stop", stop_reason=seq.detokenizer.stop_reason)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_step_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
@@ -253,7 +273,7 @@ class LLMEngine:
         outputs = []
         for seq in request.sequences:
             delta, seq.pending_delta = seq.pending_delta, ""
-            want_lp = request.params.logprobs is not None
+            want_lp = seq.params.logprobs is not None
             outputs.append(
                 CompletionOutput(
                     index=seq.index,

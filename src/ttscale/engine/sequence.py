@@ -59,7 +59,22 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
+    # A search step forked from a finished branch may bring its own limits and stop strings;
+    # limits (max_tokens, min_tokens) count from step_start.
+    params: SamplingParams | None = None
+    step_start: int = 0
     pending_delta: str = ""  # text produced since the last RequestOutput (streaming)
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            self.params = self.request.params
+        if not self.step_start:
+            self.step_start = len(self.request.prompt_token_ids)
+
+    @property
+    def num_step_tokens(self) -> int:
+        """Tokens generated since this sequence's current step began."""
+        return self.num_tokens - self.step_start
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +100,8 @@ class Sequence:
     def clone(self, seq_id: int, index: int, generator: torch.Generator | None) -> Sequence:
         """A child that continues from exactly this sequence's state (tokens, text, logprobs)."""
         return Sequence(
+            params=self.params,
+            step_start=self.step_start,
             seq_id=seq_id,
             request=self.request,
             index=index,
