@@ -1,0 +1,62 @@
+"""adaptive@Nmax: self-consistency that stops sampling once the vote is decided.
+
+Adaptive-Consistency (Aggarwal et al., 2023): sample in waves; after each wave, with a the
+leader's votes and b the runner-up's, the posterior of "the leader is the true mode" under a
+Beta(a+1, b+1) is P(p > 1/2) = 1 - I_{1/2}(a+1, b+1). Stop when it reaches `confidence`. Easy
+problems stop after one wave; contested ones spend up to Nmax samples.
+"""
+
+from __future__ import annotations
+
+from scipy.stats import beta
+
+from ttscale.eval.metrics import majority_vote
+from ttscale.strategies.base import Query, SolveGen, Strategy
+from ttscale.strategies.session import Session
+
+
+class AdaptiveConsistency(Strategy):
+    def __init__(self, spec: str, n_max: int, wave: int = 4, confidence: float = 0.95) -> None:
+        super().__init__(spec)
+        self.n_max, self.wave, self.confidence = n_max, min(wave, n_max), confidence
+
+    def solve(self, session: Session, query: Query) -> SolveGen:
+        branches = []
+        answers: list[str | None] = []
+        waves = 0
+        stop_prob = 0.0
+        while len(branches) < self.n_max:
+            size = min(self.wave, self.n_max - len(branches))
+            seed = query.params.seed
+            # Each wave is a new request; shift the seed so waves draw different samples.
+            params = self.sampling(query, seed=None if seed is None else seed + 7919 * waves)
+            new = yield from session.sample(size, params)
+            waves += 1
+            branches += new
+            answers += [query.extract(b.text) for b in new]
+            stop_prob = self.decided(answers)
+            if stop_prob >= self.confidence:
+                break
+        winner, votes = majority_vote(answers)
+        chosen = next((b for b, a in zip(branches, answers, strict=True) if a == winner), None)
+        return self.result(
+            query,
+            chosen or branches[0],
+            branches,
+            session.close(),
+            votes,
+            scored=False,
+            waves=waves,
+            samples=len(branches),
+            stop_probability=stop_prob,
+        )
+
+    @staticmethod
+    def decided(answers: list[str | None]) -> float:
+        """P(leader is the majority answer) under the Beta posterior of leader vs runner-up."""
+        counts = sorted((answers.count(a) for a in set(answers) if a is not None), reverse=True)
+        if not counts:
+            return 0.0
+        a = counts[0]
+        b = counts[1] if len(counts) > 1 else 0
+        return float(beta.sf(0.5, a + 1, b + 1))

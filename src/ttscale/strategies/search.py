@@ -1,0 +1,89 @@
+"""Step-level search over reasoning steps, on engine forks (Snell et al. 2024; Beeching et al.,
+"search-and-learn", 2024).
+
+A step ends at the delimiter (default a blank line). Expanding a branch forks its sequence:
+children share every KV block of the path so far and only write their own new blocks. Unlike
+vLLM's beam search, every sampling control of the request (temperature, top-p, min-p...) is
+kept: beams are sampled, then selected by a verifier.
+"""
+
+from __future__ import annotations
+
+from ttscale.strategies.base import Query, SolveGen, Strategy
+from ttscale.strategies.session import Branch, Session
+
+
+class BeamSearch(Strategy):
+    """beam@N/M: N active beams; each step keep the best N/M by score and fork each M times.
+    Beams that finish are collected; the answer is the best finished beam."""
+
+    needs_scorer = True
+
+    def __init__(self, spec: str, n: int, m: int) -> None:
+        super().__init__(spec)
+        if n % m:
+            raise ValueError(f"{spec}: N must be a multiple of M")
+        self.n, self.m = n, m
+
+    def solve(self, session: Session, query: Query) -> SolveGen:
+        params = self.step_params(query)
+        active = yield from session.sample(self.n, params, retain=True)
+        finished: list[Branch] = []
+        depth = 1
+        while True:
+            yield from self.score(session, query, active)
+            done = [b for b in active if self.is_final(b, query)]
+            finished += done
+            session.drop(done)
+            live = [b for b in active if not self.is_final(b, query)]
+            if not live or len(finished) >= self.n or depth >= query.search.max_depth:
+                finished += live  # out of depth: unfinished beams still compete
+                session.drop(live)
+                break
+            live.sort(key=lambda b: self.path_score(b, query), reverse=True)
+            keep = live[: max(1, self.n // self.m)]
+            session.drop(live[len(keep) :])
+            active = yield from session.expand([(b, self.m) for b in keep], params)
+            depth += 1
+        best = max(finished, key=lambda b: self.path_score(b, query))
+        return self.result(query, best, finished, session.close(), depth=depth)
+
+
+class DiverseVerifierTreeSearch(Strategy):
+    """dvts@N/M: N/M independent subtrees of width M. Inside each subtree, search is greedy
+    by score: keep the best of its M children, fork it M times. Independence keeps the N
+    samples from collapsing onto one high-scoring path (Beeching et al. 2024)."""
+
+    needs_scorer = True
+
+    def __init__(self, spec: str, n: int, m: int) -> None:
+        super().__init__(spec)
+        if n % m:
+            raise ValueError(f"{spec}: N must be a multiple of M")
+        self.n, self.m = n, m
+
+    def solve(self, session: Session, query: Query) -> SolveGen:
+        params = self.step_params(query)
+        first = yield from session.sample(self.n, params, retain=True)
+        subtrees = [first[i : i + self.m] for i in range(0, self.n, self.m)]
+        finished: list[Branch] = []
+        depth = 1
+        while subtrees:
+            yield from self.score(session, query, [b for t in subtrees for b in t])
+            expand: list[tuple[Branch, int]] = []
+            for tree in subtrees:
+                tree.sort(key=lambda b: self.path_score(b, query), reverse=True)
+                best = tree[0]
+                session.drop(tree[1:])
+                if self.is_final(best, query) or depth >= query.search.max_depth:
+                    finished.append(best)  # the subtree is done
+                    session.drop([best])
+                else:
+                    expand.append((best, self.m))
+            if not expand:
+                break
+            children = yield from session.expand(expand, params)
+            subtrees = [children[i : i + self.m] for i in range(0, len(children), self.m)]
+            depth += 1
+        best = max(finished, key=lambda b: self.path_score(b, query))
+        return self.result(query, best, finished, session.close(), depth=depth)
