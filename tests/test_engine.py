@@ -224,3 +224,40 @@ def test_chat_and_streaming(model_dir):
     streamed = "".join(o.outputs[0].text_delta for o in llm.stream(ids, params))
     assert streamed == full
     assert_pool_full(llm)
+
+
+def test_cost_of_shared_prefix_is_charged_once(model_dir):
+    """Usage carries the cost model's FLOPs and bytes; a 64-way fork reads its prompt's KV once
+    per decode step (cascade attention), and the meter charges exactly that."""
+    llm = make_llm(model_dir, block_size=4)
+    engine = llm.engine
+    prompt = list(range(3, 3 + 21))  # 5 full shared blocks + a partial one
+    engine.add_request("r", prompt, SamplingParams(n=64, temperature=1.0, seed=0, max_tokens=3))
+    engine.step()  # prefill
+    engine.step()  # first decode step of the 64 samples
+    # Each sample attends to 22 tokens; 20 of them are in the 5 shared full blocks.
+    assert engine.runner.last_kv_tokens_read == 20 + 64 * 2
+    while engine.has_unfinished:
+        engine.step()
+    total = engine.cost_meter.total
+    assert total.flops > 0 and total.bytes > 0 and total.measured_time > 0
+    assert_pool_full(llm)
+
+
+def test_usage_reports_cost(model_dir):
+    llm = make_llm(model_dir)
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    u = out.usage
+    c = llm.config
+    # Prefill alone: 2 FLOPs per weight per token through the non-head matmuls.
+    per_token = (
+        2
+        * c.num_hidden_layers
+        * (
+            c.hidden_size * (c.q_size + 2 * c.kv_size)
+            + c.q_size * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size
+        )
+    )
+    assert u.flops > per_token * (len(PROMPTS[0]) + 3)
+    assert u.bytes > 0 and u.measured_time > 0

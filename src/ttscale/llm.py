@@ -37,12 +37,28 @@ def _split_options(options: dict[str, Any]) -> tuple[CacheConfig, SchedulerConfi
     return parts[0], parts[1]
 
 
+def _hardware(spec: str | None):
+    """The roofline the cost model holds runs against: "auto" = this machine's calibrated
+    profile if `ttscale calibrate` saved one (else no roofline), or a preset name / JSON path."""
+    from ttscale.cost.hardware import load_hardware
+
+    if spec is None:
+        return None
+    try:
+        return load_hardware("local" if spec == "auto" else spec)
+    except FileNotFoundError:
+        if spec == "auto":
+            return None
+        raise
+
+
 class LLM:
     """A loaded model plus its engine. `model=None` loads the embedded SmolLM2-135M-Instruct.
 
     Engine options (see CacheConfig / SchedulerConfig): block_size, kv_cache_gb,
     enable_prefix_caching, attention, max_num_batched_tokens, max_num_seqs,
-    enable_chunked_prefill. `num_threads` sets torch's CPU threads.
+    enable_chunked_prefill. `num_threads` sets torch's CPU threads. `hardware` names the
+    roofline for the cost model ("auto": the profile `ttscale calibrate` saved, if any).
     """
 
     def __init__(
@@ -53,6 +69,7 @@ class LLM:
         device: str = "cpu",
         num_threads: int | None = None,
         max_model_len: int | None = None,
+        hardware: str | None = "auto",
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -69,7 +86,13 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer
         self.tokenizer.eos_token_ids |= frozenset(self.config.eos_token_ids)
         self.engine = LLMEngine(
-            network, self.tokenizer, cache_config, scheduler_config, device, max_model_len
+            network,
+            self.tokenizer,
+            cache_config,
+            scheduler_config,
+            device,
+            max_model_len,
+            hardware=_hardware(hardware),
         )
         self._ids = itertools.count()
 

@@ -88,6 +88,8 @@ class _PagedAttentionBase:
     ) -> None:
         self.cache, self.meta = cache, meta
         self.scale, self.sliding_window = scale, sliding_window
+        # KV token slots read per layer this step; the cascade path lowers it (cost model).
+        self.kv_tokens_read = sum(meta.context_lens)
 
     def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.cache.k[layer_idx].index_copy_(0, self.meta.slot_mapping, k)

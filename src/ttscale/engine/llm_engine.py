@@ -12,7 +12,9 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ttscale.cost.hardware import Hardware
 from ttscale.engine.block_manager import BlockManager
+from ttscale.engine.cost_meter import CostMeter
 from ttscale.engine.model_runner import CacheConfig, ModelRunner
 from ttscale.engine.outputs import CompletionOutput, RequestOutput, Usage
 from ttscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -32,6 +34,7 @@ class LLMEngine:
         scheduler_config: SchedulerConfig = SchedulerConfig(),
         device: torch.device | str = "cpu",
         max_model_len: int | None = None,
+        hardware: Hardware | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.device = torch.device(device)
@@ -41,6 +44,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
+        dtype = next(model.parameters()).dtype
+        self.cost_meter = CostMeter(model.config, dtype, hardware)
         # A sequence longer than the pool could never run, even alone: cap it.
         pool_tokens = self.runner.num_blocks * cache_config.block_size
         limit = min(max_model_len or model.config.max_position_embeddings, pool_tokens)
@@ -181,8 +186,18 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         logits = self.runner.run(batch)
-        self.stats["model_time"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats["model_time"] += elapsed
+        self._charge(batch, logits.shape[0], elapsed)
         return self._update(batch, logits)
+
+    def _charge(self, batch: SchedulerOutput, num_logits: int, elapsed: float) -> None:
+        """Prices the step and splits it over its requests by tokens computed."""
+        _, run = self.cost_meter.price(batch, self.runner.last_kv_tokens_read, num_logits, elapsed)
+        total = batch.num_tokens
+        for s in batch.seqs:
+            request = self.sequences[s.seq_id].request
+            request.cost.add(CostMeter.share(run, len(s.token_ids) / total))
 
     def _update(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         self.stats["steps"] += 1
@@ -221,12 +236,12 @@ class LLMEngine:
                 self._append_token(seq, result, i)
                 touched[seq.request.request_id] = seq.request
         for request in touched.values():
-            used = sum(
-                len(self.block_manager.block_table(s.seq_id))
-                for s in request.sequences
-                if self.block_manager.has_seq(s.seq_id)
-            )
-            request.peak_kv_blocks = max(request.peak_kv_blocks, used)
+            # Distinct blocks: a prompt shared by n samples is held once.
+            used: set[int] = set()
+            for s in request.sequences:
+                if self.block_manager.has_seq(s.seq_id):
+                    used.update(self.block_manager.block_table(s.seq_id))
+            request.peak_kv_blocks = max(request.peak_kv_blocks, len(used))
         outputs = [self._output(r) for r in touched.values()]
         for request in touched.values():
             if request.finished and not request.retain:
@@ -293,6 +308,7 @@ class LLMEngine:
             computed_prompt_tokens=request.num_computed_prompt_tokens,
             generated_tokens=generated,
             peak_kv_blocks=request.peak_kv_blocks,
+            **request.cost.to_dict(),
         )
         return RequestOutput(
             request_id=request.request_id,

@@ -77,6 +77,7 @@ class ModelRunner:
         )
         self.attention_cls = ATTENTION_BACKENDS[config.attention]
         self.scale = mc.head_dim**-0.5
+        self.last_kv_tokens_read = 0
 
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Runs the step; returns fp32 logits (num sampled seqs, vocab) in batch.seqs order."""
@@ -103,6 +104,7 @@ class ModelRunner:
             block_size=bs,
         )
         attn = self.attention_cls(self.kv_cache, meta, self.scale, self.model.config.sliding_window)
+        self.last_kv_tokens_read = attn.kv_tokens_read
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),

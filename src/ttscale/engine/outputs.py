@@ -12,6 +12,14 @@ class Usage:
     computed_prompt_tokens: int  # run through the model, recomputation after preemption included
     generated_tokens: int  # over all n samples
     peak_kv_blocks: int  # blocks held by this request's sequences together, at most
+    # Cost model (ttscale.cost): its share of each step's FLOPs and bytes moved; eFLOPs and
+    # roofline time need a hardware profile (`ttscale calibrate`), else None.
+    flops: float = 0.0
+    bytes: float = 0.0
+    efflops: float | None = None
+    roofline_time: float | None = None
+    measured_time: float = 0.0
+    utilization: float | None = None  # roofline_time / measured_time
 
 
 @dataclass

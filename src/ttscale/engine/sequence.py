@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ttscale.cost.usage import RunCost
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 
@@ -36,6 +37,7 @@ class Request:
     peak_kv_blocks: int = 0  # blocks held by all its sequences together, at most
     forked: bool = False  # the n samples exist
     retain: bool = False  # keep finished sequences' blocks until release() (for search)
+    cost: RunCost = field(default_factory=RunCost)  # its share of every step it was in
 
     @property
     def finished(self) -> bool:

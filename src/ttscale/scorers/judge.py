@@ -52,7 +52,9 @@ class JudgeScorer:
             ids = tok.encode_chat(messages) if tok.has_chat_template else tok.encode(content)
             prompts.append(ids[-(engine.max_model_len - 1) :])
         params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=20, ignore_eos=True)
-        seqs = yield from run_prompts(engine, prompts, params, tag=f"{ctx.session.tag}/judge")
+        seqs = yield from run_prompts(
+            engine, prompts, params, tag=f"{ctx.session.tag}/judge", session=ctx.session
+        )
         yes_ids, no_ids = self._answer_ids(engine)
         scores = []
         for seq in seqs:

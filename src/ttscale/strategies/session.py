@@ -15,6 +15,7 @@ import time
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 
+from ttscale.cost.usage import RunCost
 from ttscale.engine.llm_engine import LLMEngine
 from ttscale.engine.sequence import Request, Sequence, SequenceStatus
 from ttscale.sampling.params import SamplingParams
@@ -66,6 +67,12 @@ class SessionStats:
     forks: int = 0
     peak_kv_blocks: int = 0
     wall_time: float = 0.0
+    # Cost model totals over the problem's requests (judge calls included), see RunCost.
+    flops: float = 0.0
+    bytes: float = 0.0
+    efflops: float | None = None
+    roofline_time: float | None = None
+    measured_time: float = 0.0
 
 
 class Session:
@@ -137,8 +144,13 @@ class Session:
 
     def close(self) -> SessionStats:
         """Releases everything this problem holds; returns its cost."""
+        cost = RunCost()
         for request in self._requests:
             self.engine.release(request.request_id)
+            cost.add(request.cost)
+        for key, value in cost.to_dict().items():
+            if hasattr(self.stats, key):
+                setattr(self.stats, key, value)
         self._live.clear()
         self.stats.wall_time = time.perf_counter() - self._started
         return self.stats
@@ -202,13 +214,20 @@ def drive(engine: LLMEngine, jobs: list[StrategyGen]) -> list[object]:
 
 
 def run_prompts(
-    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, tag: str
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    tag: str,
+    session: Session | None = None,
 ) -> Generator[Wait, None, list[Sequence]]:
-    """Runs independent prompts (a judge's questions, say) and returns their sequences."""
+    """Runs independent prompts (a judge's questions, say) and returns their sequences; with a
+    session on the same engine, their cost is billed to it."""
     requests = [
         engine.add_request(f"{tag}/{i}-{next(Session._ids)}", p, params)
         for i, p in enumerate(prompts)
     ]
+    if session is not None and session.engine is engine:
+        session._requests += requests
     while not all(r.finished for r in requests):
         yield Wait(tuple(s for r in requests for s in r.sequences))
     return [r.sequences[0] for r in requests]

@@ -1,0 +1,59 @@
+"""Prices every engine step with the cost model and charges it to the requests in the step.
+
+The step's KV reads are what the attention path really read (a fork group's shared prefix
+once, with the cascade path), so the bill of n samples reflects prefix sharing. A step's cost
+is split over its requests in proportion to the tokens each computed in it, which charges
+shared weight reads to everyone in the batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ttscale.cost.hardware import Hardware, efflops, roofline_time
+from ttscale.cost.model import ModelShape, StepCost, StepShape, step_cost
+from ttscale.cost.usage import RunCost
+from ttscale.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ttscale.engine.scheduler import SchedulerOutput
+
+
+class CostMeter:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, hardware: Hardware | None = None
+    ) -> None:
+        self.shape = ModelShape.from_model_config(config)
+        self.bytes_per_value = dtype.itemsize  # weights and KV are stored in the model dtype
+        self.dtype = {torch.float32: "fp32"}.get(dtype, "bf16")
+        self.hardware = hardware
+        self.total = RunCost()
+
+    def price(
+        self, batch: SchedulerOutput, kv_tokens_read: int, num_logits: int, measured: float
+    ) -> tuple[StepCost, RunCost]:
+        step = StepShape(
+            query_lens=tuple(len(s.token_ids) for s in batch.seqs),
+            context_lens=tuple(s.start_pos + len(s.token_ids) for s in batch.seqs),
+            kv_tokens_read=kv_tokens_read,
+            num_logits=num_logits,
+        )
+        cost = step_cost(self.shape, step, self.bytes_per_value, self.bytes_per_value)
+        run = RunCost(flops=cost.flops, bytes=cost.bytes, measured_time=measured)
+        if self.hardware is not None:
+            run.efflops = efflops(cost, self.hardware, self.dtype)
+            run.roofline_time = roofline_time(cost, self.hardware, self.dtype)
+        self.total.add(run)
+        return cost, run
+
+    @staticmethod
+    def share(run: RunCost, fraction: float) -> RunCost:
+        return RunCost(
+            flops=run.flops * fraction,
+            bytes=run.bytes * fraction,
+            efflops=None if run.efflops is None else run.efflops * fraction,
+            roofline_time=None if run.roofline_time is None else run.roofline_time * fraction,
+            measured_time=run.measured_time * fraction,
+        )
