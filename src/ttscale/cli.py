@@ -1,4 +1,4 @@
-"""Command line: `ttscale generate`, `ttscale chat`."""
+"""Command line: `ttscale generate | chat | cost | calibrate`."""
 
 from __future__ import annotations
 
@@ -147,6 +147,19 @@ def chat(
             sys.stdout.flush()
         print()
         history.append({"role": "assistant", "content": reply})
+
+
+def _register_subsystem_commands() -> None:
+    """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
+    from ttscale.cost.cli import calibrate_cmd, cost
+
+    app.command("cost", help="Predict a run's cost on some hardware without running it.")(cost)
+    app.command("calibrate", help="Measure this machine's FLOP/s and memory bandwidth.")(
+        calibrate_cmd
+    )
+
+
+_register_subsystem_commands()
 
 
 def main() -> None:
