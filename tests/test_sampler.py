@@ -310,6 +310,9 @@ def test_min_tokens_masks_eos_and_stop_ids() -> None:
     ignoring = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(9,), ignore_eos=True)
     assert pick(1, ignoring) not in (7, 9)
     assert pick(3, ignoring) == 7
+    # A forked step counts min_tokens from its own start.
+    forked = SamplingRow(params, None, [], [1] * 10, eos, step_tokens=1)
+    assert SAMPLER(logits, [forked]).token_ids[0] not in (7, 9)
 
 
 # ---------------------------------------------------------------------------- logprobs

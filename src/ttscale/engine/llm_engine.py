@@ -255,6 +255,7 @@ class LLMEngine:
             prompt_token_ids=seq.request.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
             eos_token_ids=self.tokenizer.eos_token_ids,
+            step_tokens=seq.num_step_tokens,
         )
 
     def _append_token(self, seq: Sequence, result, i: int) -> None:

@@ -72,9 +72,10 @@ class SamplingRow:
 
     ``generator`` must be set for every non-greedy row (see `make_generator`); only this
     row's draws advance it. ``eos_token_ids`` and ``params.stop_token_ids`` are masked while
-    ``len(output_token_ids) < params.min_tokens``, whatever ``params.ignore_eos`` (vLLM
-    would let EOS through then, as it ends nothing). Token sequences may be lists or 1-D
-    tensors; tensors (or numpy-friendly lists) keep the penalty set-up cheap.
+    fewer than ``params.min_tokens`` tokens were generated -- ``step_tokens`` when given (a
+    forked step counts its limits from the fork), else ``len(output_token_ids)`` --
+    whatever ``params.ignore_eos`` (vLLM would let EOS through then, as it ends nothing).
+    Penalties use ``prompt_token_ids`` / ``output_token_ids``, lists or 1-D tensors.
     """
 
     params: SamplingParams
@@ -82,6 +83,12 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     eos_token_ids: frozenset[int] = frozenset()
+    step_tokens: int | None = None
+
+    @property
+    def num_counted_tokens(self) -> int:
+        """Tokens generated so far, as ``min_tokens`` counts them."""
+        return len(self.output_token_ids) if self.step_tokens is None else self.step_tokens
 
 
 @dataclass
@@ -197,7 +204,7 @@ class Sampler:
             if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
             and len(r.output_token_ids) > 0
         ]
-        min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
+        min_tok = [i for i, r in enumerate(rows) if r.num_counted_tokens < r.params.min_tokens]
         if not (rep or occ or min_tok):
             return logits
         out = logits.clone()
