@@ -152,11 +152,13 @@ def chat(
 def _register_subsystem_commands() -> None:
     """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
     from ttscale.cost.cli import calibrate_cmd, cost
+    from ttscale.server.cli import serve
 
     app.command("cost", help="Predict a run's cost on some hardware without running it.")(cost)
     app.command("calibrate", help="Measure this machine's FLOP/s and memory bandwidth.")(
         calibrate_cmd
     )
+    app.command("serve", help="OpenAI-compatible HTTP server.")(serve)
 
 
 _register_subsystem_commands()

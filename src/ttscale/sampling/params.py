@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MAX_TEMPERATURE = 100.0
+MAX_PENALTY = 100.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -63,16 +66,18 @@ class SamplingParams:
 
         if integer("n") < 1:
             raise bad("n", "must be >= 1")
-        if finite("temperature") < 0:
-            raise bad("temperature", "must be >= 0")
+        # Upper bounds keep the sampler's float32 math finite (T=1e40 or a penalty of 1e-40
+        # overflow); past them the distribution is already uniform / fully penalized.
+        if not 0 <= finite("temperature") <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
         if not 0 < finite("top_p") <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if integer("top_k") < 0:
             raise bad("top_k", "must be >= 0 (0 or -1 disables)")
         if not 0 <= finite("min_p") <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if finite("repetition_penalty") <= 0:
-            raise bad("repetition_penalty", "must be > 0")
+        if not 1 / MAX_PENALTY <= finite("repetition_penalty") <= MAX_PENALTY:
+            raise bad("repetition_penalty", f"must be in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= finite(name) <= 2:
                 raise bad(name, "must be in [-2, 2]")

@@ -1,0 +1,375 @@
+"""The engine thread: the one thread that ever touches the (not thread-safe) LLMEngine.
+
+Request handlers run on the event loop. They submit work through a command list guarded by a
+condition variable; the engine thread applies commands between steps, steps while there is
+work and sleeps on the condition when idle. Outputs go back to each request's asyncio.Queue
+with `loop.call_soon_threadsafe`, so the event loop never blocks on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttscale.engine.llm_engine import LLMEngine
+from ttscale.engine.outputs import RequestOutput
+from ttscale.engine.sequence import SequenceStatus
+from ttscale.sampling.params import SamplingParams
+from ttscale.server.metrics import ServerMetrics
+
+logger = logging.getLogger("ttscale.server")
+
+# A step that scheduled nothing while work is pending (e.g. the pool cannot admit the next
+# request yet) must not turn the loop into a busy spin: wait this long for news instead.
+_STALL_WAIT_S = 0.01
+
+
+class QueueFullError(Exception):
+    """More than `max_waiting` accepted requests are not running yet: answer 429."""
+
+
+class EngineFailure(Exception):
+    """The request could not be served; `status` is the HTTP status to report."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RequestHandle:
+    """One submitted request as the event loop sees it: its outputs arrive on a queue."""
+
+    def __init__(self, engine_loop: EngineLoop, request_id: str) -> None:
+        self.request_id = request_id
+        self._engine_loop = engine_loop
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput | EngineFailure] = asyncio.Queue()
+        self._done = False  # the end was seen or an abort was sent (event-loop side only)
+
+    def deliver(self, item: RequestOutput | EngineFailure) -> bool:
+        """Engine thread: hands an item to the event loop; False if that loop is gone."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody will ever read this request
+            return False
+        return True
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The request's outputs until it finishes; raises EngineFailure if it fails.
+
+        Leaving early (the consumer stops, is cancelled or fails) aborts the request.
+        """
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, EngineFailure):
+                    self._done = True
+                    raise item
+                yield item
+                if item.finished:
+                    self._done = True
+                    return
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Frees the request's KV blocks at the engine's next iteration; idempotent."""
+        if not self._done:
+            self._done = True
+            self._engine_loop.abort(self.request_id)
+
+
+@dataclass
+class _Add:
+    handle: RequestHandle
+    token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    submitted_at: float
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future
+
+
+@dataclass
+class _Tracked:
+    """Engine-thread bookkeeping of one live request."""
+
+    handle: RequestHandle
+    submitted_at: float
+    waiting: bool = True  # counted in EngineLoop's waiting total
+    generated: int = 0
+    first_token_at: float | None = None
+    last_output_at: float | None = None
+
+
+@dataclass
+class EngineLoop:
+    engine: LLMEngine
+    metrics: ServerMetrics | None = None
+    max_waiting: int = 256  # accepted requests not yet running; beyond it submit() refuses
+    snapshot: dict[str, Any] = field(default_factory=dict)  # engine state, for metrics/tests
+    num_aborted: int = 0  # requests aborted while still in the engine
+    num_step_failures: int = 0
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._commands: list[_Add | _Abort | _Call] = []
+        self._num_waiting = 0  # guarded by _cond
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._publish()
+
+    # ---- event-loop side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(
+                    target=self._run, name="ttscale-engine", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fails what is still in flight (503) and ends the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    def submit(
+        self, token_ids: Sequence[int], params: SamplingParams, prompt: str | None = None
+    ) -> RequestHandle:
+        """Queues a request; raises QueueFullError past `max_waiting`. Call on the event loop."""
+        self.start()
+        with self._cond:
+            if self._stopping:
+                raise EngineFailure(503, "the server is shutting down")
+            if self._num_waiting >= self.max_waiting:
+                raise QueueFullError
+            self._num_waiting += 1
+            handle = RequestHandle(self, f"req-{next(self._ids)}")
+            add = _Add(handle, list(token_ids), params, prompt, time.monotonic())
+            self._commands.append(add)
+            self._cond.notify()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._commands.append(_Abort(request_id))
+            self._cond.notify()
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Runs `fn(engine)` on the engine thread between steps (inspection, tests)."""
+        self.start()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._commands.append(_Call(fn, future))
+            self._cond.notify()
+        return future
+
+    # ---- engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stalled = False
+        while True:
+            with self._cond:
+                while not (self._commands or self._stopping):
+                    if self.engine.has_unfinished and not stalled:
+                        break
+                    # Idle (or stalled): sleep until a command arrives, no busy spin.
+                    if not self._cond.wait(_STALL_WAIT_S if stalled else None):
+                        break
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            try:
+                for command in commands:
+                    self._apply(command)
+                if stopping:
+                    self._fail(list(self._tracked), 503, "the server is shutting down")
+                    self._publish()
+                    return
+                stalled = self.engine.has_unfinished and not self._step()
+                self._publish()
+            except Exception:
+                # Never let the thread die: every request would hang. Fail what is in flight.
+                logger.exception("engine loop error")
+                self._fail(list(self._tracked), 500, "internal engine loop error")
+                stalled = False
+
+    def _apply(self, command: _Add | _Abort | _Call) -> None:
+        if isinstance(command, _Call):
+            try:
+                command.future.set_result(command.fn(self.engine))
+            except Exception as e:
+                command.future.set_exception(e)
+        elif isinstance(command, _Abort):
+            tracked = self._tracked.pop(command.request_id, None)
+            if command.request_id in self.engine.requests:
+                self.engine.abort(command.request_id)
+                self.num_aborted += 1
+                if self.metrics:
+                    self.metrics.requests_finished.labels("abort").inc()
+            if tracked is not None and tracked.waiting:
+                self._unwait()
+        else:
+            self._add(command)
+
+    def _add(self, add: _Add) -> None:
+        rid = add.handle.request_id
+        try:
+            self.engine.add_request(rid, add.token_ids, add.params, add.prompt)
+        except Exception as e:
+            # The handler validated the request already, so this is rare; a ValueError is
+            # still the client's (e.g. a token id the engine rejects), anything else ours.
+            status = 400 if isinstance(e, ValueError) else 500
+            if status == 500:
+                logger.exception("add_request failed")
+            add.handle.deliver(EngineFailure(status, str(e)))
+            self._unwait()
+            return
+        self._tracked[rid] = _Tracked(add.handle, add.submitted_at)
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(add.token_ids))
+
+    def _step(self) -> bool:
+        """One engine step; False if it scheduled nothing."""
+        steps = self.engine.stats["steps"]
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("engine step failed")
+            self.num_step_failures += 1
+            self._fail(self._touched_by_step(), 500, f"engine error: {type(e).__name__}: {e}")
+            return True
+        now = time.monotonic()
+        tokens = 0
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            tokens += self._observe(tracked, out, now)
+            if not tracked.handle.deliver(out):
+                self.engine.abort(out.request_id)
+                self._tracked.pop(out.request_id)
+            elif out.finished:
+                self._tracked.pop(out.request_id)
+                self._observe_finish(tracked, out, now)
+        if self.metrics:
+            self.metrics.record_tokens(tokens, now)
+        self._update_waiting()
+        return self.engine.stats["steps"] != steps
+
+    def _observe(self, tracked: _Tracked, out: RequestOutput, now: float) -> int:
+        new = out.usage.generated_tokens - tracked.generated
+        tracked.generated = out.usage.generated_tokens
+        if tracked.waiting:
+            tracked.waiting = False
+            self._unwait()
+        if self.metrics and new > 0:
+            if tracked.first_token_at is None:
+                tracked.first_token_at = now
+                self.metrics.time_to_first_token.observe(now - tracked.submitted_at)
+            elif tracked.last_output_at is not None:
+                self.metrics.inter_token_latency.observe(now - tracked.last_output_at)
+        tracked.last_output_at = now
+        return new
+
+    def _observe_finish(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
+        if self.metrics:
+            reasons = {o.finish_reason for o in out.outputs}
+            self.metrics.requests_finished.labels("length" if "length" in reasons else "stop").inc()
+            self.metrics.request_latency.observe(now - tracked.submitted_at)
+
+    def _update_waiting(self) -> None:
+        # A request stops counting as waiting once the scheduler admits it (its prefill may
+        # take several steps before the first output).
+        for rid, tracked in self._tracked.items():
+            if tracked.waiting:
+                request = self.engine.requests.get(rid)
+                if request and any(
+                    s.status is not SequenceStatus.WAITING for s in request.sequences
+                ):
+                    tracked.waiting = False
+                    self._unwait()
+
+    def _touched_by_step(self) -> list[str]:
+        """Requests a failed step may have corrupted: those in the batch or holding KV.
+
+        Requests still purely waiting (no blocks) were not touched and keep their place.
+        """
+        running = {s.request.request_id for s in self.engine.scheduler.running}
+        bm = self.engine.block_manager
+        touched = []
+        for rid in self._tracked:
+            request = self.engine.requests.get(rid)
+            if (
+                request is None
+                or rid in running
+                or any(bm.has_seq(s.seq_id) for s in request.sequences)
+            ):
+                touched.append(rid)
+        return touched
+
+    def _fail(self, request_ids: list[str], status: int, message: str) -> None:
+        for rid in request_ids:
+            tracked = self._tracked.pop(rid, None)
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                logger.exception("abort of %s failed", rid)
+            if tracked is not None:
+                tracked.handle.deliver(EngineFailure(status, message))
+                if tracked.waiting:
+                    self._unwait()
+            if self.metrics:
+                self.metrics.requests_finished.labels("error").inc()
+        if status >= 500 and request_ids:
+            try:
+                self.engine.block_manager.check_integrity()
+            except Exception:
+                logger.exception("KV block pool inconsistent after a failed step")
+
+    def _unwait(self) -> None:
+        with self._cond:
+            self._num_waiting -= 1
+
+    def _publish(self) -> None:
+        bm = self.engine.block_manager
+        running = {s.request.request_id for s in self.engine.scheduler.running}
+        snapshot = {
+            "requests_running": len(running),
+            "requests_waiting": self._num_waiting,
+            "requests_in_engine": len(self.engine.requests),
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "prefix_cache_hit_rate": bm.stats()["prefix_hit_rate"],
+        }
+        self.snapshot = snapshot  # one reference swap: readers see a whole snapshot
+        if self.metrics:
+            self.metrics.set_engine_state(snapshot)
