@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ttscale.sampling.params import MAX_PENALTY, MAX_TEMPERATURE
 from ttscale.tokenizer import Tokenizer
 
 
@@ -48,7 +49,7 @@ class _SamplingRequest(_Strict):
 
     model: str | None = None
     n: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, **_Finite)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, **_Finite)
     top_p: float | None = Field(None, gt=0, le=1, **_Finite)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -61,7 +62,7 @@ class _SamplingRequest(_Strict):
     # Extras beyond OpenAI's set (vLLM names).
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1, **_Finite)
-    repetition_penalty: float | None = Field(None, gt=0, **_Finite)
+    repetition_penalty: float | None = Field(None, ge=1 / MAX_PENALTY, le=MAX_PENALTY, **_Finite)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     ttscale: TTScaleOptions | None = None
