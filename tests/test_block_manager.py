@@ -556,3 +556,23 @@ def test_randomized_stress() -> None:
     assert all(v > 10 for v in counts.values()), counts
     assert bm.stats()["evictions"] > 0
     free_all(bm)
+
+
+def test_evict_cached_forgets_unreferenced_blocks_only():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate_prefix(1, list(range(9)))
+    bm.append_slots(1, 9)
+    bm.commit_computed(1, list(range(9)), 9)
+    bm.allocate_prefix(2, [50, 51, 52, 53, 54])
+    bm.append_slots(2, 5)
+    bm.commit_computed(2, [50, 51, 52, 53, 54], 5)
+    bm.free(1)  # its two full blocks stay cached, evictable
+    assert bm.evict_cached() == 2
+    bm.check_integrity()
+    # Seq 2's full block is in use: still cached. Seq 1's prompt is not any more.
+    assert bm.allocate_prefix(3, list(range(9))) == 0
+    assert bm.allocate_prefix(4, [50, 51, 52, 53, 54, 55]) == 4
+    for s in (2, 3, 4):
+        bm.free(s)
+    bm.check_integrity()
+    assert bm.num_free_blocks == 8

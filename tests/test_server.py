@@ -344,13 +344,37 @@ def test_metrics(server):
     assert values["ttscale_time_to_first_token_seconds_count"] >= 1
 
 
-def test_strategy_hook_is_501(server):
-    with pytest.raises(openai.APIStatusError) as e:
-        server.client().chat.completions.create(
-            model=MODEL, messages=HELLO, extra_body={"ttscale": {"strategy": "majority@16"}}
-        )
-    assert e.value.status_code == 501
-    assert e.value.body["message"] == "strategy support not available"
+@pytest.mark.parametrize("strategy", ["majority@4", "beam@4/2"])
+def test_strategy_extension_through_the_official_client(server, strategy):
+    reply = server.client().chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=1.0,
+        seed=1,
+        extra_body={"ttscale": {"strategy": strategy, "scorer": "logprob"}},
+    )
+    tts = reply.model_extra["ttscale"]
+    assert tts["strategy"] == strategy and tts["candidates"]
+    assert reply.choices[0].message.content in {c["text"] for c in tts["candidates"]}
+    cost = tts["cost"]
+    assert cost["generated_tokens"] == reply.usage.completion_tokens > 0
+    assert cost["flops"] > 0 and cost["bytes"] > 0
+    if strategy.startswith("majority"):
+        assert len(tts["candidates"]) == 4
+        assert sum(tts["votes"].values()) == sum(c["answer"] is not None for c in tts["candidates"])
+    server.wait_pool_full()
+
+
+def test_strategy_extension_bad_input(server):
+    for body, param in [
+        ({"ttscale": {"strategy": "beam@7"}}, "ttscale.strategy"),
+        ({"ttscale": {"strategy": "bon@2", "scorer": "rm:/etc"}}, "ttscale.scorer"),
+        ({"ttscale": {"strategy": "majority@2"}, "stream": True}, "stream"),
+    ]:
+        r = post(server, COMPLETIONS, {**C, **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
 
 
 # ---- validation: 400 naming the field ----------------------------------------------------------
@@ -600,11 +624,12 @@ def test_schemathesis_no_server_errors(small_server):
         def check(case):
             if isinstance(case.body, dict) and mode is schemathesis.GenerationMode.POSITIVE:
                 case.body["model"] = MODEL  # a random name is (rightly) always a 400
+                # Strategies are tested on their own: a random valid spec could start an
+                # arbitrarily expensive search inside this bounded test.
+                case.body.pop("ttscale", None)
             t0 = time.monotonic()
             response = case.call(timeout=20)  # a hang fails here
-            hook = isinstance(case.body, dict) and case.body.get("ttscale") is not None
-            allowed = response.status_code < 500 or (hook and response.status_code == 501)
-            assert allowed, (case.body, response.status_code, response.text)
+            assert response.status_code < 500, (case.body, response.status_code, response.text)
             assert time.monotonic() - t0 < 20
             seen.setdefault(operation.label, set()).add(response.status_code)
 
@@ -619,7 +644,10 @@ def test_schemathesis_no_server_errors(small_server):
             fuzz(result.ok(), mode)
             live.wait_pool_full()
     assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models"} <= set(seen)
-    assert 200 in seen["POST /v1/completions"] and 400 in seen["POST /v1/completions"]
+    # Which statuses the generated examples reach depends on schemathesis' generator; the
+    # property under test is "no 5xx, no hang". The endpoints still serve a valid body:
+    assert 400 in seen["POST /v1/completions"]
+    assert post(live, COMPLETIONS, {**C, "prompt": [5, 6, 7]}).status_code == 200
 
 
 @pytest.mark.parametrize(

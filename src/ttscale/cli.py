@@ -1,4 +1,4 @@
-"""Command line: `ttscale generate | chat | cost | calibrate`."""
+"""Command line: `ttscale generate | chat | solve | eval | serve | cost | calibrate`."""
 
 from __future__ import annotations
 
@@ -152,6 +152,7 @@ def chat(
 def _register_subsystem_commands() -> None:
     """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
     from ttscale.cost.cli import calibrate_cmd, cost
+    from ttscale.eval.cli import eval_cmd, solve_cmd
     from ttscale.server.cli import serve
 
     app.command("cost", help="Predict a run's cost on some hardware without running it.")(cost)
@@ -159,6 +160,10 @@ def _register_subsystem_commands() -> None:
         calibrate_cmd
     )
     app.command("serve", help="OpenAI-compatible HTTP server.")(serve)
+    app.command("eval", help="Compare strategies on a task: table, JSONL, Pareto plot.")(eval_cmd)
+    app.command("solve", help="Answer one question with a strategy; show votes and cost.")(
+        solve_cmd
+    )
 
 
 _register_subsystem_commands()

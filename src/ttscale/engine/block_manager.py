@@ -192,6 +192,19 @@ class BlockManager:
         bs = self.block_size
         return self._tables[seq_id][position // bs] * bs + position % bs
 
+    def evict_cached(self) -> int:
+        """Forgets every unreferenced cached block (they join the free queue, in LRU order);
+        blocks in use keep their keys. Returns how many were evicted. Used to compare runs
+        without one warming the cache for the next."""
+        count = len(self._evictable)
+        for b in self._evictable:
+            del self._cache[self._key[b]]  # type: ignore[index]
+            self._key[b] = None
+            self._free.append(b)
+        self._evictable.clear()
+        self._evictions += count
+        return count
+
     def stats(self) -> dict[str, int | float]:
         """Counters for logging: pool usage and prefix-cache efficiency (in tokens)."""
         q = self._query_tokens

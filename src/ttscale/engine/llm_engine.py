@@ -174,6 +174,10 @@ class LLMEngine:
                 self.block_manager.free(seq.seq_id)
             self.sequences.pop(seq.seq_id, None)
 
+    def reset_prefix_cache(self) -> int:
+        """Drops cached prompt blocks no request holds, so the next run starts cold."""
+        return self.block_manager.evict_cached()
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work

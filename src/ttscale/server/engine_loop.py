@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,16 @@ class _Call:
 
 
 @dataclass
+class _Job:
+    """A strategy generator (see ttscale.strategies.session): advanced between engine steps,
+    so its branches batch with every other request."""
+
+    gen: Generator[Any, None, Any]
+    future: concurrent.futures.Future
+    wait: Any = None
+
+
+@dataclass
 class _Tracked:
     """Engine-thread bookkeeping of one live request."""
 
@@ -130,7 +140,8 @@ class EngineLoop:
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
-        self._commands: list[_Add | _Abort | _Call] = []
+        self._commands: list[_Add | _Abort | _Call | _Job] = []
+        self._jobs: list[_Job] = []  # engine thread only
         self._num_waiting = 0  # guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -192,7 +203,36 @@ class EngineLoop:
             self._cond.notify()
         return future
 
+    def run_job(self, gen: Generator[Any, None, Any]) -> concurrent.futures.Future:
+        """Runs a strategy generator on the engine thread; the future gets its result."""
+        self.start()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineFailure(503, "the server is shutting down")
+            self._commands.append(_Job(gen, future))
+            self._cond.notify()
+        return future
+
     # ---- engine thread ------------------------------------------------------------------
+
+    def _advance_jobs(self) -> None:
+        """Resumes every job whose wait is over, until each waits on unfinished work."""
+        progress = True
+        while progress:
+            progress = False
+            for job in list(self._jobs):
+                if job.wait is not None and not job.wait.ready():
+                    continue
+                progress = True
+                try:
+                    job.wait = job.gen.send(None)
+                except StopIteration as done:
+                    self._jobs.remove(job)
+                    job.future.set_result(done.value)
+                except Exception as e:
+                    self._jobs.remove(job)
+                    job.future.set_exception(e)
 
     def _run(self) -> None:
         stalled = False
@@ -211,9 +251,13 @@ class EngineLoop:
                     self._apply(command)
                 if stopping:
                     self._fail(list(self._tracked), 503, "the server is shutting down")
+                    for job in self._jobs:
+                        job.gen.close()
+                        job.future.set_exception(EngineFailure(503, "shutting down"))
                     self._publish()
                     return
                 stalled = self.engine.has_unfinished and not self._step()
+                self._advance_jobs()
                 self._publish()
             except Exception:
                 # Never let the thread die: every request would hang. Fail what is in flight.
@@ -221,8 +265,11 @@ class EngineLoop:
                 self._fail(list(self._tracked), 500, "internal engine loop error")
                 stalled = False
 
-    def _apply(self, command: _Add | _Abort | _Call) -> None:
-        if isinstance(command, _Call):
+    def _apply(self, command: _Add | _Abort | _Call | _Job) -> None:
+        if isinstance(command, _Job):
+            self._jobs.append(command)
+            self._advance_jobs()
+        elif isinstance(command, _Call):
             try:
                 command.future.set_result(command.fn(self.engine))
             except Exception as e:

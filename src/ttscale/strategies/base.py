@@ -92,7 +92,8 @@ class Strategy:
         s = query.search
         return Strategy.sampling(
             query,
-            max_tokens=s.max_step_tokens,
+            # A step never outruns the whole answer's budget (is_final checks the total).
+            max_tokens=min(s.max_step_tokens, query.params.max_tokens),
             stop=(*query.params.stop, s.step_delimiter),
             include_stop_str_in_output=True,
         )

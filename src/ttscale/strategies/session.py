@@ -106,6 +106,8 @@ class Session:
         yield Wait(tuple(request.sequences))
         while not request.finished:
             yield Wait(tuple(request.sequences))
+        # The engine tracks the request's distinct blocks while its samples run.
+        self.stats.peak_kv_blocks = max(self.stats.peak_kv_blocks, request.peak_kv_blocks)
         self.stats.computed_prompt_tokens += request.num_computed_prompt_tokens
         self.stats.cached_prompt_tokens += request.num_cached_prompt_tokens
         branches = [self._branch(seq, None) for seq in request.sequences]
