@@ -6,9 +6,40 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ttscale.loader.errors import ModelLoadError
+
+
+class Linear(nn.Module):
+    """y = x W^T + b, with W stored transposed, (in, out), once loaded.
+
+    Why: at one token per step (single-stream decode) the matmul is a GEMV, and MKL runs
+    `x @ W_t` about 2x faster than `F.linear(x, W)` (which transposes W on the fly), while for
+    64+ rows both reach the same GEMM throughput (see benchmarks/BENCHMARKS.md). `weight` keeps
+    the checkpoint's (out, in) shape until `pack()` so loading and shape checks follow it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        # A buffer, so `.to(device)` moves it; not persistent: checkpoints keep HF's layout.
+        self.register_buffer("weight_t", None, persistent=False)
+
+    def pack(self) -> None:
+        """Switches to the transposed layout (frees the original unless something else, such
+        as a tied embedding, still holds it)."""
+        self.weight_t = self.weight.detach().t().contiguous()
+        del self.weight
+        self.register_parameter("weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        out = x @ self.weight_t
+        return out if self.bias is None else out + self.bias
 
 
 class RMSNorm(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 from ttscale.attention.base import AttentionContext
 from ttscale.loader.errors import ModelLoadError
 from ttscale.models.config import ModelConfig
-from ttscale.models.layers import RMSNorm, RotaryEmbedding
+from ttscale.models.layers import Linear, RMSNorm, RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -30,10 +30,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -62,8 +62,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -105,7 +105,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -175,6 +175,11 @@ class LlamaForCausalLM(nn.Module):
             )
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Transposed layout for speed (see layers.Linear); a tied head gets its own copy, since
+        # the embedding lookup needs rows of the (vocab, hidden) matrix.
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
 
     def _assign(
         self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, source: str
