@@ -261,3 +261,24 @@ def test_usage_reports_cost(model_dir):
     )
     assert u.flops > per_token * (len(PROMPTS[0]) + 3)
     assert u.bytes > 0 and u.measured_time > 0
+
+
+def test_forked_samples_have_their_own_text(model_dir):
+    """Each sample's text is the decode of its own tokens (forks must not share detokenizer
+    state), for forks at prefill (n > 1) and mid-generation."""
+    llm = make_llm(model_dir)
+    out = llm.generate([PROMPTS[0]], SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=12))
+    for o in out[0].outputs:
+        assert o.text == llm.tokenizer.decode(o.token_ids)
+    assert len({o.text for o in out[0].outputs}) > 1
+    engine = llm.engine
+    params = SamplingParams(temperature=1.0, seed=2, max_tokens=12, ignore_eos=True)
+    request = engine.add_request("r", PROMPTS[1], params)
+    for _ in range(4):
+        engine.step()
+    engine.fork(request.sequences[0].seq_id, 2)
+    while engine.has_unfinished:
+        engine.step()
+    for seq in request.sequences:
+        assert seq.detokenizer.text == llm.tokenizer.decode(seq.output_token_ids)
+    assert_pool_full(llm)

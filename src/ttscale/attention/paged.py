@@ -219,10 +219,11 @@ class PagedAttention(_PagedAttentionBase):
         B, H, D = q.shape
         kvh = k_pool.shape[1]
         g = H // kvh
-        qg = q.view(B, kvh, g, D) * self.scale  # (B, KVH, G, D): GQA without repeating KV
+        dtype = q.dtype  # softmax runs in fp32 whatever the KV dtype (bf16 KV is fine to read)
+        qg = q.float().view(B, kvh, g, D) * self.scale  # (B, KVH, G, D): GQA, KV not repeated
         # Suffix: scores (B, KVH, G, S), kept as max / sum / unnormalized output.
-        keys = k_pool[self.suffix_gather].permute(0, 2, 3, 1)  # (B, KVH, D, S)
-        values = v_pool[self.suffix_gather].transpose(1, 2)  # (B, KVH, S, D)
+        keys = k_pool[self.suffix_gather].float().permute(0, 2, 3, 1)  # (B, KVH, D, S)
+        values = v_pool[self.suffix_gather].float().transpose(1, 2)  # (B, KVH, S, D)
         scores = torch.matmul(qg, keys) + self.suffix_bias
         m = scores.amax(dim=-1, keepdim=True)  # (B, KVH, G, 1)
         p = torch.exp(scores - m)
@@ -232,8 +233,8 @@ class PagedAttention(_PagedAttentionBase):
             # Prefix read once for the group: (KVH, R*G, D) @ (KVH, D, P).
             R = rows.shape[0]
             qp = qg[rows].permute(1, 0, 2, 3).reshape(kvh, R * g, D)
-            kp = k_pool[slots].permute(1, 2, 0)  # (KVH, D, P)
-            vp = v_pool[slots].transpose(0, 1)  # (KVH, P, D)
+            kp = k_pool[slots].float().permute(1, 2, 0)  # (KVH, D, P)
+            vp = v_pool[slots].float().transpose(0, 1)  # (KVH, P, D)
             s = torch.bmm(qp, kp)  # (KVH, R*G, P)
             mp = s.amax(dim=-1, keepdim=True)
             pp = torch.exp(s - mp)
@@ -246,7 +247,7 @@ class PagedAttention(_PagedAttentionBase):
             a, b = torch.exp(ms - mx), torch.exp(mp - mx)
             acc[rows] = acc[rows] * a + accp * b
             denom[rows] = denom[rows] * a + denp * b
-        return (acc / denom).reshape(B, H, D)
+        return (acc / denom).reshape(B, H, D).to(dtype)
 
     def _prefill(
         self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor

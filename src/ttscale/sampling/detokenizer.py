@@ -70,6 +70,15 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)  # ids before this are decoded already
         self._prefix_text = prefix_text  # decode(_ids[_prefix_offset:_read_offset])
 
+    def __copy__(self) -> IncrementalDetokenizer:
+        """An independent copy (a forked sequence continues from this exact state): the
+        mutable lists must not be shared, or sibling samples would append to one stream."""
+        clone = object.__new__(IncrementalDetokenizer)
+        clone.__dict__.update(self.__dict__)
+        clone._ids = list(self._ids)
+        clone._emitted = list(self._emitted)
+        return clone
+
     @property
     def text(self) -> str:
         """The full text emitted so far: the concatenation of all deltas."""
