@@ -1,4 +1,4 @@
-"""Command line: `ttscale generate | chat | solve | eval | serve | cost | calibrate`."""
+"""Command line: `ttscale generate | chat | solve | eval | plan | serve | cost | calibrate`."""
 
 from __future__ import annotations
 
@@ -153,6 +153,7 @@ def _register_subsystem_commands() -> None:
     """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
     from ttscale.cost.cli import calibrate_cmd, cost
     from ttscale.eval.cli import eval_cmd, solve_cmd
+    from ttscale.plan.cli import plan_cmd
     from ttscale.server.cli import serve
 
     app.command("cost", help="Predict a run's cost on some hardware without running it.")(cost)
@@ -164,6 +165,7 @@ def _register_subsystem_commands() -> None:
     app.command("solve", help="Answer one question with a strategy; show votes and cost.")(
         solve_cmd
     )
+    app.command("plan", help="Plan test-time compute per difficulty within a budget.")(plan_cmd)
 
 
 _register_subsystem_commands()
