@@ -80,7 +80,7 @@ class LLM:
         t0 = time.perf_counter()
         checkpoint = load_checkpoint(model, _DTYPES[dtype])
         self.config = ModelConfig.from_hf(checkpoint.config)
-        network = build_model(self.config, checkpoint.tensors, _DTYPES[dtype]).to(device)
+        network = build_model(self.config, checkpoint.tensors, _DTYPES[dtype], device)
         self.load_seconds = time.perf_counter() - t0
         self.source = checkpoint.source
         self.tokenizer = checkpoint.tokenizer

@@ -12,34 +12,57 @@ from torch import nn
 from ttscale.loader.errors import ModelLoadError
 
 
-class Linear(nn.Module):
-    """y = x W^T + b, with W stored transposed, (in, out), once loaded.
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    Why: at one token per step (single-stream decode) the matmul is a GEMV, and MKL runs
-    `x @ W_t` about 2x faster than `F.linear(x, W)` (which transposes W on the fly), while for
-    64+ rows both reach the same GEMM throughput (see benchmarks/BENCHMARKS.md). `weight` keeps
-    the checkpoint's (out, in) shape until `pack()` so loading and shape checks follow it.
+
+class Linear(nn.Module):
+    """y = x W^T + b; on CPU, with W pre-packed once for oneDNN's GEMM kernels.
+
+    Why: at the batch sizes of parallel sampling (4-64 rows), MKL's sgemm behind `F.linear`
+    is far from memory-bound; oneDNN with a pre-packed ("blocked") weight runs the same
+    products 1.6x (64 rows) to 3.3x (4 rows) faster on this 2-core AVX-512 machine, at the
+    same memory (see docs/BENCHMARKS.md). It is what torch.compile's CPU freezing pass uses.
+    Without oneDNN, W is stored transposed and `x @ W_t` is used (2x faster than `F.linear`
+    for one row). On CUDA, cuBLAS needs neither: `F.linear`.
+
+    `weight` keeps the checkpoint's (out, in) shape until `pack()`, so loading and shape
+    checks follow the checkpoint's names and layout.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        # A buffer, so `.to(device)` moves it; not persistent: checkpoints keep HF's layout.
+        self.packed: torch.Tensor | None = None  # oneDNN blocked layout (CPU)
+        # A buffer, so `.to(device)` would move it; not persistent: checkpoints keep HF layout.
         self.register_buffer("weight_t", None, persistent=False)
 
     def pack(self) -> None:
-        """Switches to the transposed layout (frees the original unless something else, such
-        as a tied embedding, still holds it)."""
-        self.weight_t = self.weight.detach().t().contiguous()
+        """Switches to the fast layout for the weight's device (call after moving the model).
+        The original is released unless something else, such as a tied embedding, holds it."""
+        weight = self.weight.detach()
+        if weight.device.type != "cpu":
+            return
+        if _onednn_available() and weight.dtype in (torch.float32, torch.bfloat16):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        else:
+            self.weight_t = weight.t().contiguous()
         del self.weight
         self.register_parameter("weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is None:
-            return F.linear(x, self.weight, self.bias)
-        out = x @ self.weight_t
-        return out if self.bias is None else out + self.bias
+        if self.packed is not None:
+            shape = x.shape
+            out = torch.ops.mkldnn._linear_pointwise(
+                x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], ""
+            )
+            return out.view(*shape[:-1], self.out_features)
+        if self.weight_t is not None:
+            out = x @ self.weight_t
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -175,8 +175,10 @@ class LlamaForCausalLM(nn.Module):
             )
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Transposed layout for speed (see layers.Linear); a tied head gets its own copy, since
-        # the embedding lookup needs rows of the (vocab, hidden) matrix.
+
+    def pack(self) -> None:
+        """Puts every matmul weight in its fast layout for the current device (layers.Linear).
+        A tied head gets its own packed copy: the embedding lookup needs the plain rows."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()

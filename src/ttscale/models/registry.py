@@ -28,8 +28,14 @@ def resolve_architecture(hf_config: dict[str, Any]) -> str:
     )
 
 
-def build_model(config, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-    """Instantiates the family's module on the meta device, then loads the weights into it."""
+def build_model(
+    config,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """Instantiates the family's module on the meta device, loads the weights into it, moves
+    it to `device` and packs its matmul weights for that device."""
     import importlib
 
     from ttscale.models.layers import RotaryEmbedding
@@ -41,4 +47,6 @@ def build_model(config, tensors: dict[str, torch.Tensor], dtype: torch.dtype = t
     # Buffers computed in __init__ must be real; only parameters come from the checkpoint.
     model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
     model.load_weights(tensors, dtype)
-    return model.eval()
+    model = model.to(device).eval()
+    model.pack()
+    return model
