@@ -118,7 +118,7 @@ def main() -> None:
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             # Independent prompts are prefilled B times: keep that under ~16k tokens.
-            modes = (True, False) if 1 < batch and batch * context <= 16384 else (True,)
+            modes = (True, False) if batch > 1 and batch * context <= 16384 else (True,)
             for shared in modes:
                 r = measure_decode(llm, batch, context, shared)
                 r.update(kind="decode", batch=batch, context=context, shared=shared)

@@ -56,7 +56,7 @@ def test_greedy_tokens_equal_transformers_gguf_load(reference, llm):
 
 
 def test_prompt_logits_close_to_transformers(reference, llm):
-    tok, model = reference
+    _, model = reference
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
     with torch.inference_mode():
         ref = model(torch.tensor([ids])).logits[0, -1]

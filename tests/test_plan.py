@@ -21,29 +21,30 @@ from typer.testing import CliRunner
 from tests.conftest import make_tiny_model
 from ttscale import LLM, SamplingParams
 from ttscale.eval.metrics import majority_vote
-from ttscale.plan.cli import make_app
-from ttscale.plan.planner import (
+from ttscale.plan import (
     InfeasibleBudget,
     Pilot,
     PilotProblem,
     TokenTimeModel,
-    bin_of,
-    calibrate_probe,
     difficulty_thresholds,
     knapsack,
-    maj_at_k_fair,
     make_plan,
-    marginal_pass_gain,
-    parse_candidates,
-    pass_at_k_ext,
     pilot,
     plan_table,
-    plugin_maj_at_k,
     saturation_n,
-    simulate_probe,
     validate,
     validation_table,
 )
+from ttscale.plan.bins import bin_of
+from ttscale.plan.cli import make_app
+from ttscale.plan.curves import (
+    maj_at_k_fair,
+    marginal_pass_gain,
+    parse_candidates,
+    pass_at_k_ext,
+    plugin_maj_at_k,
+)
+from ttscale.plan.probe import calibrate_probe, simulate_probe
 from ttscale.tasks import JsonlTask
 
 # ---- the knapsack -----------------------------------------------------------------------------
@@ -468,7 +469,7 @@ def test_module_help():
 
 
 def test_vote_simulation_matches_majority_vote():
-    from ttscale.plan.planner import _vote_hits
+    from ttscale.plan.curves import _vote_hits
 
     rng = np.random.default_rng(0)
     seqs = rng.integers(-1, 3, size=(300, 6))

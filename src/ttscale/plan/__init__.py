@@ -1,29 +1,30 @@
-"""Compute-optimal test-time scaling plans: pilot, per-difficulty curves, budgeted choice,
-held-out validation (see :mod:`ttscale.plan.planner` and docs/PLANNER.md)."""
+"""Compute-optimal test-time scaling within a budget (Snell et al. 2024: the best use of
+inference compute depends on how hard a problem is for the model, measured by its pass rate).
 
-from ttscale.plan.planner import (
-    DEFAULT_CANDIDATES,
-    DEFAULT_EPSILON,
-    BinPlan,
-    BinValidation,
-    Candidate,
-    InfeasibleBudget,
-    Option,
-    Pilot,
-    PilotProblem,
-    Plan,
-    Probe,
-    TokenTimeModel,
-    Validation,
-    difficulty_thresholds,
-    knapsack,
-    make_plan,
-    pilot,
-    plan_table,
-    saturation_n,
-    validate,
-    validation_table,
-)
+1. :mod:`~ttscale.plan.pilot_run`: ``n`` samples per pilot problem, each judged by the task's
+   oracle (used to plan, never to pick an answer); other strategies run directly.
+2. :mod:`~ttscale.plan.curves` and :mod:`~ttscale.plan.bins`: problems binned by pass rate;
+   per bin, each candidate's maj@k (exact over k-subsets, plug-in beyond ``n``), pass@k
+   ceiling, cost (:mod:`~ttscale.plan.costs`) and where more samples saturate.
+3. :mod:`~ttscale.plan.knapsack`: one candidate per bin, max accuracy within the budget.
+4. :mod:`~ttscale.plan.probe`: new problems are routed by the agreement of a first wave of
+   ``m`` samples, which a ``majority@k`` choice then continues; priced with its routing errors.
+5. :mod:`~ttscale.plan.planner`: :func:`make_plan` prices probe, uniform and oracle routing
+   and keeps the best; :mod:`~ttscale.plan.validation` checks a plan on held-out problems and
+   :mod:`~ttscale.plan.report` tabulates both.
+
+See docs/PLANNER.md for the method and its assumptions.
+"""
+
+from ttscale.plan.bins import BinPlan, Option, difficulty_thresholds
+from ttscale.plan.costs import TokenTimeModel
+from ttscale.plan.curves import DEFAULT_EPSILON, Candidate, saturation_n
+from ttscale.plan.knapsack import knapsack
+from ttscale.plan.pilot_run import Pilot, PilotProblem, pilot
+from ttscale.plan.planner import DEFAULT_CANDIDATES, InfeasibleBudget, Plan, make_plan
+from ttscale.plan.probe import Probe
+from ttscale.plan.report import plan_table, validation_table
+from ttscale.plan.validation import BinValidation, Validation, validate
 
 __all__ = [
     "DEFAULT_CANDIDATES",

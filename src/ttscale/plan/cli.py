@@ -46,7 +46,8 @@ def _check(
     concurrency: int,
 ) -> list[str]:
     """Everything checkable before loading a model; returns the specs the pilot must run."""
-    from ttscale.plan.planner import ROUTINGS, needs_measurement, parse_candidates
+    from ttscale.plan.curves import needs_measurement, parse_candidates
+    from ttscale.plan.planner import ROUTINGS
 
     if not (math.isfinite(budget_seconds) and budget_seconds > 0):
         _fail(f"--budget-seconds must be a positive number, not {budget_seconds}")
@@ -145,7 +146,7 @@ def plan_cmd(
 ) -> None:
     """Plan test-time compute per difficulty within a budget: pilot, plan, held-out check."""
     from ttscale.eval.cli import _load_llm, _params
-    from ttscale.plan.planner import (
+    from ttscale.plan import (
         InfeasibleBudget,
         make_plan,
         pilot,
