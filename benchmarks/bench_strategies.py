@@ -48,10 +48,8 @@ def transformers_seconds(task, problems, n: int, params: SamplingParams, threads
     torch.set_num_threads(threads)
     times = []
     for p in problems:
-        ids = tok.apply_chat_template(
-            task.prompt(p), add_generation_prompt=True, return_tensors="pt"
-        )
-        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+        text = tok.apply_chat_template(task.prompt(p), add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with torch.inference_mode():
