@@ -110,6 +110,28 @@ class Strategy:
             b.scores.append(float(s))
         return scores
 
+    def harvest(
+        self,
+        session: Session,
+        query: Query,
+        active: list[Branch],
+        finished: list[Branch],
+        depth: int,
+        width: int,
+    ) -> list[Branch]:
+        """Moves the branches that are done from `active` to `finished` (freeing their KV)
+        and returns the live ones; returns [] and moves every branch when the search must end
+        (nothing live, `width` answers collected, or out of depth: unfinished ones compete)."""
+        done = [b for b in active if self.is_final(b, query)]
+        live = [b for b in active if not self.is_final(b, query)]
+        finished += done
+        session.drop(done)
+        if not live or len(finished) >= width or depth >= query.search.max_depth:
+            finished += live
+            session.drop(live)
+            return []
+        return live
+
     @staticmethod
     def path_score(branch: Branch, query: Query) -> float:
         return aggregate(path_scores(branch), query.search.aggregation)

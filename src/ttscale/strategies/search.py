@@ -13,9 +13,8 @@ from ttscale.strategies.base import Query, SolveGen, Strategy
 from ttscale.strategies.session import Branch, Session
 
 
-class BeamSearch(Strategy):
-    """beam@N/M: N active beams; each step keep the best N/M by score and fork each M times.
-    Beams that finish are collected; the answer is the best finished beam."""
+class _WidthSplit(Strategy):
+    """N branches split into groups of M (beam@N/M, dvts@N/M)."""
 
     needs_scorer = True
 
@@ -25,6 +24,11 @@ class BeamSearch(Strategy):
             raise ValueError(f"{spec}: N must be a multiple of M")
         self.n, self.m = n, m
 
+
+class BeamSearch(_WidthSplit):
+    """beam@N/M: N active beams; each step keep the best N/M by score and fork each M times.
+    Beams that finish are collected; the answer is the best finished beam."""
+
     def solve(self, session: Session, query: Query) -> SolveGen:
         params = self.step_params(query)
         active = yield from session.sample(self.n, params, retain=True)
@@ -32,13 +36,8 @@ class BeamSearch(Strategy):
         depth = 1
         while True:
             yield from self.score(session, query, active)
-            done = [b for b in active if self.is_final(b, query)]
-            finished += done
-            session.drop(done)
-            live = [b for b in active if not self.is_final(b, query)]
-            if not live or len(finished) >= self.n or depth >= query.search.max_depth:
-                finished += live  # out of depth: unfinished beams still compete
-                session.drop(live)
+            live = self.harvest(session, query, active, finished, depth, width=self.n)
+            if not live:
                 break
             live.sort(key=lambda b: self.path_score(b, query), reverse=True)
             keep = live[: max(1, self.n // self.m)]
@@ -49,18 +48,10 @@ class BeamSearch(Strategy):
         return self.result(query, best, finished, session.close(), depth=depth)
 
 
-class DiverseVerifierTreeSearch(Strategy):
+class DiverseVerifierTreeSearch(_WidthSplit):
     """dvts@N/M: N/M independent subtrees of width M. Inside each subtree, search is greedy
     by score: keep the best of its M children, fork it M times. Independence keeps the N
     samples from collapsing onto one high-scoring path (Beeching et al. 2024)."""
-
-    needs_scorer = True
-
-    def __init__(self, spec: str, n: int, m: int) -> None:
-        super().__init__(spec)
-        if n % m:
-            raise ValueError(f"{spec}: N must be a multiple of M")
-        self.n, self.m = n, m
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         params = self.step_params(query)

@@ -54,13 +54,8 @@ class KVAwareTreeSearch(Strategy):
         depth = 1
         while True:
             yield from self.score(session, query, active)
-            done = [b for b in active if self.is_final(b, query)]
-            finished += done
-            session.drop(done)
-            live = [b for b in active if not self.is_final(b, query)]
-            if not live or len(finished) >= self.n or depth >= query.search.max_depth:
-                finished += live
-                session.drop(live)
+            live = self.harvest(session, query, active, finished, depth, width=self.n)
+            if not live:
                 break
             width = self.n - len(finished)  # keep the total number of leaves at N
             keep = self.select(live, query, max_keep=width)
