@@ -12,8 +12,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_toke
 
 from ttscale.loader.checkpoint import Checkpoint
 from ttscale.loader.errors import ModelLoadError
+from ttscale.threads import one_torch_thread
 from ttscale.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
@@ -80,24 +80,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
 
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors = {}
-    with _one_thread():
+    with one_torch_thread():
         for info, hf_name in plan:
             # convert_hf_to_gguf.py permutes only the llama arch's q/k rows (weights and biases).
             n_head = heads.get(info.name.split(".")[-2]) if arch == "llama" else None
             tensors[hf_name] = _read_tensor(file, info, n_head, dtype)
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(path))
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Runs torch single-threaded: dequantization is many small memory-bound ops, and an OpenMP
-    barrier per op made it 15-25x slower on a busy 2-core machine (0.6 s -> 11-17 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- file layout -------------------------------------------------------------------------------

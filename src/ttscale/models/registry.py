@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ttscale.loader.errors import ModelLoadError
+from ttscale.threads import one_torch_thread
 
 # architecture name in config.json -> module:class. One family per file.
 ARCHITECTURES: dict[str, str] = {
@@ -46,7 +47,8 @@ def build_model(
         model = cls(config)
     # Buffers computed in __init__ must be real; only parameters come from the checkpoint.
     model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-    model.load_weights(tensors, dtype)
-    model = model.to(device).eval()
-    model.pack()
+    with one_torch_thread():
+        model.load_weights(tensors, dtype)
+        model = model.to(device).eval()
+        model.pack()
     return model
