@@ -78,3 +78,28 @@ def test_sliding_window(window):
     tables = [[0, 1, 2, 10], [0, 1, 2, 11], [5, 6, 7]]
     ref, fast = run_both(tables, [15, 14, 12], [1, 1, 4], window=window)[0]
     assert (ref - fast).abs().max() < 1e-5
+
+
+def test_padding_never_reads_uninitialized_slots():
+    """The pool is allocated uninitialized: padding must only touch the zeroed null block."""
+    torch.manual_seed(5)
+    tables, ctx = [[0, 1, 2, 10], [0, 1, 2, 11], [20]], [14, 15, 3]
+    caches = []
+    for _ in range(2):
+        c = KVCache(1, 64, BS, KVH, D)
+        c.k[:, : c.null_slot] = float("nan")  # garbage everywhere but the null block
+        c.v[:, : c.null_slot] = float("nan")
+        caches.append(c)
+    for table, n in zip(tables, ctx, strict=True):  # real data in the slots in use
+        slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(n)])
+        k, v = torch.randn(n, KVH, D), torch.randn(n, KVH, D)
+        for c in caches:
+            c.k[0, slots], c.v[0, slots] = k, v
+    last = [(t, n - 1) for t, n in zip(tables, ctx, strict=True)]
+    new_slots = torch.tensor([t[p // BS] * BS + p % BS for t, p in last])
+    meta = AttentionMetadata(new_slots, [1, 1, 1], ctx, tables, BS)
+    q, k, v = torch.randn(3, H, D), torch.randn(3, KVH, D), torch.randn(3, KVH, D)
+    ref = ReferencePagedAttention(caches[0], meta, D**-0.5, None)(0, q, k, v)
+    fast = PagedAttention(caches[1], meta, D**-0.5, None)(0, q, k, v)
+    assert torch.isfinite(fast).all()
+    assert (ref - fast).abs().max() < 1e-5

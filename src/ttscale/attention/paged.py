@@ -28,10 +28,16 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_layers, num_blocks * block_size, n_kv_heads, head_dim)
-        # zeros, not empty: padded gathers read unused slots, which must not hold NaN/Inf.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One extra "null" block after the pool, kept at zero: padded gathers read it, so
+        # masked positions never meet NaN garbage (0 * NaN = NaN). The pool itself is left
+        # uninitialized: every slot is written before it is read, and untouched pages of a
+        # multi-GiB pool then cost no resident memory.
+        shape = (num_layers, (num_blocks + 1) * block_size, n_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.null_slot = num_blocks * block_size
+        self.k[:, self.null_slot :].zero_()
+        self.v[:, self.null_slot :].zero_()
 
     @staticmethod
     def bytes_per_block(
@@ -184,12 +190,12 @@ class PagedAttention(_PagedAttentionBase):
                 self.groups.append((torch.tensor(rows, device=device), slots.to(device)))
                 self.kv_tokens_read += common * bs
 
-        # Private suffixes, padded to the longest; masked slots point at slot 0 (finite data).
+        # Private suffixes, padded to the longest; padding reads the zeroed null block.
         starts_pos = [p * bs for p in prefix_blocks]
         suffix_lens = [meta.context_lens[i] - s for i, s in zip(decode, starts_pos, strict=True)]
         self.kv_tokens_read += sum(suffix_lens)
         width = max(suffix_lens)
-        gather = torch.zeros(len(decode), width, dtype=torch.long)
+        gather = torch.full((len(decode), width), cache.null_slot, dtype=torch.long)
         for row, i in enumerate(decode):
             table = torch.tensor(meta.block_tables[i][prefix_blocks[row] :])
             slots = (table[:, None] * bs + torch.arange(bs)).flatten()[: suffix_lens[row]]
