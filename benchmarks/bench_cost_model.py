@@ -36,7 +36,8 @@ def measure_decode(llm: LLM, batch: int, context: int, shared: bool, steps: int 
     engine.reset_prefix_cache()
     vocab = llm.config.vocab_size
     gen = torch.Generator().manual_seed(context * 1000 + batch)
-    params = SamplingParams(temperature=1.0, seed=0, max_tokens=steps + 1, ignore_eos=True)
+    # Long enough that no sequence finishes while others are still being prefilled in chunks.
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=4096, ignore_eos=True)
     if shared:
         prompt = torch.randint(100, vocab, (context,), generator=gen).tolist()
         engine.add_request("bench", prompt, dataclasses.replace(params, n=batch))
@@ -47,7 +48,7 @@ def measure_decode(llm: LLM, batch: int, context: int, shared: bool, steps: int 
     # Prefill everything first (chunks), then time pure decode steps.
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
         engine.step()
-    times, predicted, bounds = [], [], []
+    times, predicted, bounds, sizes = [], [], [], []
     shape, hw, dtype = engine.cost_meter.shape, engine.cost_meter.hardware, "fp32"
     for _ in range(steps):
         batch_out = engine.scheduler.schedule()
@@ -63,6 +64,7 @@ def measure_decode(llm: LLM, batch: int, context: int, shared: bool, steps: int 
         cost = step_cost(shape, step, 4, 4)
         engine._update(batch_out, logits)
         times.append(elapsed)
+        sizes.append(len(batch_out.seqs))
         predicted.append(roofline_time(cost, hw, dtype))
         bounds.append(bound(cost, hw, dtype))
     for rid in list(engine.requests):
@@ -71,6 +73,7 @@ def measure_decode(llm: LLM, batch: int, context: int, shared: bool, steps: int 
         "measured_s": statistics.median(times),
         "predicted_s": statistics.median(predicted),
         "bound": bounds[-1],
+        "seqs_in_step": min(sizes),
     }
 
 
@@ -149,6 +152,7 @@ def main() -> None:
 def print_row(r: dict) -> None:
     err = (r["measured_s"] - r["predicted_s"]) / r["measured_s"]
     tag = "shared" if r.get("shared") else "indep."
+    assert r.get("seqs_in_step", r["batch"]) == r["batch"], r
     print(
         f"{r['kind']:7} B={r['batch']:3} C={r['context']:5} {tag:6} "
         f"measured {r['measured_s'] * 1e3:8.1f} ms  predicted {r['predicted_s'] * 1e3:8.1f} ms  "
