@@ -117,7 +117,17 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     return model
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    make_tiny_model(tmp_path)
-    return tmp_path
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama folder, one per test module (modules may override it)."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    """An engine on the tiny model with a small pool of 4-token blocks, one per module."""
+    from ttscale import LLM
+
+    return LLM(model_dir, kv_cache_gb=0.01, block_size=4)

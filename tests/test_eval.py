@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import make_tiny_model
-from ttscale import LLM, SamplingParams
+from ttscale import SamplingParams
 from ttscale.eval.cli import make_app
 from ttscale.eval.harness import (
     RECORDS_FILE,
@@ -41,18 +40,6 @@ class LengthModTask(JsonlTask):
 
     def extract_answer(self, completion: str) -> str | None:
         return str(len(completion) % 3)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir) -> LLM:
-    return LLM(model_dir, kv_cache_gb=0.01, block_size=4)
 
 
 @pytest.fixture(scope="module")

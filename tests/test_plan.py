@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import make_tiny_model
-from ttscale import LLM, SamplingParams
+from ttscale import SamplingParams
 from ttscale.eval.metrics import majority_vote
 from ttscale.plan import (
     InfeasibleBudget,
@@ -319,18 +318,6 @@ class ResidueTask(JsonlTask):
 
 
 PARAMS = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=8, seed=1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir) -> LLM:
-    return LLM(model_dir, kv_cache_gb=0.01, block_size=4)
 
 
 @pytest.fixture(scope="module")
