@@ -52,8 +52,8 @@ class LengthScorer:
     name = "length"
 
     def score(self, ctx: ScoreContext, branches: Sequence[Branch]) -> Generator[Wait, None, list]:
+        yield from ()  # no engine work; a generator like every scorer
         return [1.0 / (1 + len(b.step_text)) for b in branches]
-        yield
 
 
 def query(llm, **kw):
@@ -69,7 +69,7 @@ def test_every_strategy_runs(llm, spec):
     for r in result:
         assert r.strategy == spec and r.candidates
         assert r.stats.generated_tokens > 0
-        assert r.text == "" or isinstance(r.text, str)
+        assert r.text in {c.text for c in r.candidates}  # the answer is one of the candidates
     assert_pool_full(llm)
 
 
@@ -116,7 +116,9 @@ def test_beam_search_forks_allocate_only_new_blocks(llm):
     assert_pool_full(llm)
 
 
-def test_tree_search_keeps_no_more_kv_than_beam(llm):
+def test_tree_and_beam_report_kv_and_kept_nodes(llm):
+    # Which uses less KV depends on the scores; the exact KV-set choice is tested on
+    # hand-made nodes in test_tree_select_counts_shared_blocks_once.
     q = query(llm)
     beam = solve_many(llm, [q], "beam@4/2")[0]
     tree = solve_many(llm, [q], "tree@4")[0]

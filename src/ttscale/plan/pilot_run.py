@@ -97,9 +97,6 @@ class Pilot:
         specs = set.intersection(*(set(p.direct) for p in self.problems))
         return [s for s in self.problems[0].direct if s in specs]
 
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.params)
-
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
 

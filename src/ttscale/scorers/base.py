@@ -21,7 +21,6 @@ AGGREGATIONS = ("min", "last", "product", "mean")
 class ScoreContext:
     question: str
     session: Session
-    reference: str | None = None  # the task's answer: only the oracle may look at it
 
 
 class Scorer(Protocol):

@@ -23,5 +23,5 @@ class MeanLogprobScorer:
         for b in branches:
             lps = b.step_logprobs
             scores.append(math.exp(sum(lps) / len(lps)) if lps else 0.0)
+        yield from ()  # no engine work; a generator like every scorer
         return scores
-        yield  # a generator that never waits

@@ -59,5 +59,5 @@ class RewardModelScorer:
     def score(
         self, ctx: ScoreContext, branches: Sequence[Branch]
     ) -> Generator[Wait, None, list[float]]:
+        yield from ()  # no engine work; a generator like every scorer
         return self.score_texts([f"{ctx.question}\n\n{b.text}" for b in branches])
-        yield

@@ -13,6 +13,40 @@ from ttscale.strategies.base import Query, SolveGen, Strategy
 from ttscale.strategies.session import Branch, Session
 
 
+class LevelSearch(Strategy):
+    """Level-by-level search over N branches (beam, tree): sample N first steps, then per
+    level score, collect the finished, and let `expansions` pick which live branches to fork
+    and how many times; the rest are dropped. The answer is the best finished branch."""
+
+    needs_scorer = True
+    n: int  # the width, set by the subclass
+
+    def expansions(
+        self, live: list[Branch], query: Query, width: int, stats: dict[str, list]
+    ) -> list[tuple[Branch, int]]:
+        """(branch, forks) for this level; `width` is how many leaves may still grow."""
+        raise NotImplementedError
+
+    def solve(self, session: Session, query: Query) -> SolveGen:
+        params = self.step_params(query)
+        active = yield from session.sample(self.n, params, retain=True)
+        finished: list[Branch] = []
+        stats: dict[str, list] = {}
+        depth = 1
+        while True:
+            yield from self.score(session, query, active)
+            live = self.harvest(session, query, active, finished, depth, width=self.n)
+            if not live:
+                break
+            chosen = self.expansions(live, query, self.n - len(finished), stats)
+            kept = {id(b) for b, _ in chosen}
+            session.drop(b for b in live if id(b) not in kept)
+            active = yield from session.expand(chosen, params)
+            depth += 1
+        best = max(finished, key=lambda b: self.path_score(b, query))
+        return self.result(query, best, finished, session.close(), depth=depth, **stats)
+
+
 class _WidthSplit(Strategy):
     """N branches split into groups of M (beam@N/M, dvts@N/M)."""
 
@@ -25,27 +59,15 @@ class _WidthSplit(Strategy):
         self.n, self.m = n, m
 
 
-class BeamSearch(_WidthSplit):
-    """beam@N/M: N active beams; each step keep the best N/M by score and fork each M times.
+class BeamSearch(_WidthSplit, LevelSearch):
+    """beam@N/M: N active beams; each level keep the best N/M by score and fork each M times.
     Beams that finish are collected; the answer is the best finished beam."""
 
-    def solve(self, session: Session, query: Query) -> SolveGen:
-        params = self.step_params(query)
-        active = yield from session.sample(self.n, params, retain=True)
-        finished: list[Branch] = []
-        depth = 1
-        while True:
-            yield from self.score(session, query, active)
-            live = self.harvest(session, query, active, finished, depth, width=self.n)
-            if not live:
-                break
-            live.sort(key=lambda b: self.path_score(b, query), reverse=True)
-            keep = live[: max(1, self.n // self.m)]
-            session.drop(live[len(keep) :])
-            active = yield from session.expand([(b, self.m) for b in keep], params)
-            depth += 1
-        best = max(finished, key=lambda b: self.path_score(b, query))
-        return self.result(query, best, finished, session.close(), depth=depth)
+    def expansions(
+        self, live: list[Branch], query: Query, width: int, stats: dict[str, list]
+    ) -> list[tuple[Branch, int]]:
+        live = sorted(live, key=lambda b: self.path_score(b, query), reverse=True)
+        return [(b, self.m) for b in live[: max(1, self.n // self.m)]]
 
 
 class DiverseVerifierTreeSearch(_WidthSplit):

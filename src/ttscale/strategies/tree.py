@@ -23,13 +23,12 @@ import re
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ttscale.strategies.base import Query, SolveGen, Strategy
-from ttscale.strategies.session import Branch, Session
+from ttscale.strategies.base import Query
+from ttscale.strategies.search import LevelSearch
+from ttscale.strategies.session import Branch
 
 
-class KVAwareTreeSearch(Strategy):
-    needs_scorer = True
-
+class KVAwareTreeSearch(LevelSearch):
     def __init__(
         self,
         spec: str,
@@ -46,30 +45,15 @@ class KVAwareTreeSearch(Strategy):
             similarity,
         )
 
-    def solve(self, session: Session, query: Query) -> SolveGen:
-        params = self.step_params(query)
-        active = yield from session.sample(self.n, params, retain=True)
-        finished: list[Branch] = []
-        kept_history: list[int] = []
-        depth = 1
-        while True:
-            yield from self.score(session, query, active)
-            live = self.harvest(session, query, active, finished, depth, width=self.n)
-            if not live:
-                break
-            width = self.n - len(finished)  # keep the total number of leaves at N
-            keep = self.select(live, query, max_keep=width)
-            kept_history.append(len(keep))
-            session.drop([b for b in live if b not in keep])
-            # Spread the width over the kept nodes, best first.
-            keep.sort(key=lambda b: self.path_score(b, query), reverse=True)
-            fanout = [width // len(keep) + (i < width % len(keep)) for i in range(len(keep))]
-            active = yield from session.expand(list(zip(keep, fanout, strict=True)), params)
-            depth += 1
-        best = max(finished, key=lambda b: self.path_score(b, query))
-        return self.result(
-            query, best, finished, session.close(), depth=depth, kept_per_step=kept_history
-        )
+    def expansions(
+        self, live: list[Branch], query: Query, width: int, stats: dict[str, list]
+    ) -> list[tuple[Branch, int]]:
+        """Keeps the set the integer program picks; spreads the width over it, best first."""
+        keep = self.select(live, query, max_keep=width)
+        stats.setdefault("kept_per_step", []).append(len(keep))
+        keep.sort(key=lambda b: self.path_score(b, query), reverse=True)
+        fanout = [width // len(keep) + (i < width % len(keep)) for i in range(len(keep))]
+        return list(zip(keep, fanout, strict=True))
 
     def select(self, nodes: list[Branch], query: Query, max_keep: int) -> list[Branch]:
         """Solves the ETS integer program over the candidate nodes; returns the kept ones."""
