@@ -25,6 +25,10 @@ from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
 from ttscale.tokenizer import Tokenizer
 
 
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for a generated token in the context."""
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -70,6 +74,17 @@ class LLMEngine:
         search strategy can fork them later."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.validate_prompt(prompt_token_ids)
+        request = Request(request_id, ids, params, next(self._arrivals), prompt, retain=retain)
+        seq = self._new_sequence(request, index=0, token_ids=list(ids))
+        request.forked = params.n == 1
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request
+
+    def validate_prompt(self, prompt_token_ids: Seq[int]) -> list[int]:
+        """The prompt as a list of ids, or ValueError (PromptTooLongError past the context)
+        saying what is wrong; the server calls this too, to answer 400 before streaming."""
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -77,16 +92,11 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; this engine's context holds "
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this model's context holds "
                 f"{self.max_model_len} (prompt plus at least one generated token)"
             )
-        request = Request(request_id, ids, params, next(self._arrivals), prompt, retain=retain)
-        seq = self._new_sequence(request, index=0, token_ids=list(ids))
-        request.forked = params.n == 1
-        self.requests[request_id] = request
-        self.scheduler.add(seq)
-        return request
+        return ids
 
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         params = request.params

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ttscale.engine.llm_engine import PromptTooLongError
 from ttscale.llm import LLM
 from ttscale.sampling.params import SamplingParams
 from ttscale.server.engine_loop import EngineFailure, EngineLoop, QueueFullError, RequestHandle
@@ -160,20 +161,13 @@ def build_params(
 
 
 def _check_prompt(ids: list[int], llm: LLM, param: str) -> None:
-    if not ids:
-        raise APIError(400, "the prompt is empty", param=param)
-    vocab = llm.engine.model.config.vocab_size
-    if any(t < 0 or t >= vocab for t in ids):
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
-    limit = llm.engine.max_model_len
-    if len(ids) >= limit:
-        raise APIError(
-            400,
-            f"the prompt has {len(ids)} tokens; this model's context holds {limit} "
-            "(prompt plus at least one generated token)",
-            param=param,
-            code="context_length_exceeded",
-        )
+    """The engine's own prompt checks, answered as a 400 before anything is streamed."""
+    try:
+        llm.engine.validate_prompt(ids)
+    except PromptTooLongError as e:
+        raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from None
 
 
 def chat_job(body: ChatCompletionRequest, llm: LLM, config: ServerConfig) -> Job:
