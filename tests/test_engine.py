@@ -236,7 +236,9 @@ def test_cost_of_shared_prefix_is_charged_once(model_dir):
     engine.step()  # prefill
     engine.step()  # first decode step of the 64 samples
     # Each sample attends to 22 tokens; 20 of them are in the 5 shared full blocks.
-    assert engine.runner.last_kv_tokens_read == 20 + 64 * 2
+    step = engine.runner.last_step
+    assert step.kv_tokens_read == 20 + 64 * 2
+    assert (step.kv_tokens_shared, step.shared_groups) == (20, 1)
     while engine.has_unfinished:
         engine.step()
     total = engine.cost_meter.total

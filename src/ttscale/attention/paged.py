@@ -94,8 +94,11 @@ class _PagedAttentionBase:
     ) -> None:
         self.cache, self.meta = cache, meta
         self.scale, self.sliding_window = scale, sliding_window
-        # KV token slots read per layer this step; the cascade path lowers it (cost model).
+        # KV token slots read per layer this step; the cascade path lowers it (cost model),
+        # reading `kv_tokens_shared` of them once for `shared_groups` fork groups.
         self.kv_tokens_read = sum(meta.context_lens)
+        self.kv_tokens_shared = 0
+        self.shared_groups = 0
 
     def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.cache.k[layer_idx].index_copy_(0, self.meta.slot_mapping, k)
@@ -189,7 +192,9 @@ class PagedAttention(_PagedAttentionBase):
                 slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
                 self.groups.append((torch.tensor(rows, device=device), slots.to(device)))
                 self.kv_tokens_read += common * bs
+                self.kv_tokens_shared += common * bs
 
+        self.shared_groups = len(self.groups)
         # Private suffixes, padded to the longest; padding reads the zeroed null block.
         starts_pos = [p * bs for p in prefix_blocks]
         suffix_lens = [meta.context_lens[i] - s for i, s in zip(decode, starts_pos, strict=True)]

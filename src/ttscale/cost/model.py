@@ -370,12 +370,18 @@ class StepShape:
                      sequence. Default (None): sum(context_lens), i.e. no read sharing.
     num_logits:      rows through the lm_head (one per sequence that samples this step; a
                      non-final prefill chunk samples nothing). Default (None): one per sequence.
+    kv_tokens_shared: of kv_tokens_read, the tokens of fork-group prefixes read once for the
+                     whole group (cascade attention); the rest was gathered per sequence.
+                     Bytes do not depend on the split, time does (see steptime.py).
+    shared_groups:   fork groups whose prefix was read once this step.
     """
 
     query_lens: tuple[int, ...]
     context_lens: tuple[int, ...]
     kv_tokens_read: int | None = None
     num_logits: int | None = None
+    kv_tokens_shared: int = 0
+    shared_groups: int = 0
 
     def __post_init__(self) -> None:
         q = tuple(self.query_lens)
@@ -400,6 +406,15 @@ class StepShape:
             raise ValueError(f"invalid step: kv_tokens_read={self.kv_tokens_read!r}")
         elif self.kv_tokens_read < 0:
             raise ValueError(f"invalid step: kv_tokens_read={self.kv_tokens_read} must be >= 0")
+        for f in ("kv_tokens_shared", "shared_groups"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"invalid step: {f}={value!r} must be an integer >= 0")
+        if self.kv_tokens_shared > self.kv_tokens_read:
+            raise ValueError(
+                f"invalid step: kv_tokens_shared={self.kv_tokens_shared} exceeds "
+                f"kv_tokens_read={self.kv_tokens_read}"
+            )
         if self.num_logits is None:
             object.__setattr__(self, "num_logits", len(q))
         elif isinstance(self.num_logits, bool) or not isinstance(self.num_logits, int):

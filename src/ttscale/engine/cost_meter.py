@@ -8,17 +8,12 @@ shared weight reads to everyone in the batch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ttscale.cost.hardware import Hardware, efflops, roofline_time
 from ttscale.cost.model import ModelShape, StepCost, StepShape, step_cost
 from ttscale.cost.usage import RunCost
 from ttscale.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from ttscale.engine.scheduler import SchedulerOutput
 
 
 class CostMeter:
@@ -31,15 +26,8 @@ class CostMeter:
         self.hardware = hardware
         self.total = RunCost()
 
-    def price(
-        self, batch: SchedulerOutput, kv_tokens_read: int, num_logits: int, measured: float
-    ) -> tuple[StepCost, RunCost]:
-        step = StepShape(
-            query_lens=tuple(len(s.token_ids) for s in batch.seqs),
-            context_lens=tuple(s.start_pos + len(s.token_ids) for s in batch.seqs),
-            kv_tokens_read=kv_tokens_read,
-            num_logits=num_logits,
-        )
+    def price(self, step: StepShape, measured: float) -> tuple[StepCost, RunCost]:
+        """Prices a step as the model runner reports it (`ModelRunner.last_step`)."""
         cost = step_cost(self.shape, step, self.bytes_per_value, self.bytes_per_value)
         run = RunCost(flops=cost.flops, bytes=cost.bytes, measured_time=measured)
         if self.hardware is not None:

@@ -202,12 +202,13 @@ class LLMEngine:
         logits = self.runner.run(batch)
         elapsed = time.perf_counter() - t0
         self.stats["model_time"] += elapsed
-        self._charge(batch, logits.shape[0], elapsed)
+        self._charge(batch, elapsed)
         return self._update(batch, logits)
 
-    def _charge(self, batch: SchedulerOutput, num_logits: int, elapsed: float) -> None:
+    def _charge(self, batch: SchedulerOutput, elapsed: float) -> None:
         """Prices the step and splits it over its requests by tokens computed."""
-        _, run = self.cost_meter.price(batch, self.runner.last_kv_tokens_read, num_logits, elapsed)
+        assert self.runner.last_step is not None  # set by the run that just finished
+        _, run = self.cost_meter.price(self.runner.last_step, elapsed)
         total = batch.num_tokens
         for s in batch.seqs:
             request = self.sequences[s.seq_id].request

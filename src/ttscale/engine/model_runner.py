@@ -12,6 +12,7 @@ from ttscale.attention.paged import (
     PagedAttention,
     ReferencePagedAttention,
 )
+from ttscale.cost.model import StepShape
 from ttscale.engine.scheduler import SchedulerOutput
 
 ATTENTION_BACKENDS = {"fast": PagedAttention, "reference": ReferencePagedAttention}
@@ -77,7 +78,8 @@ class ModelRunner:
         )
         self.attention_cls = ATTENTION_BACKENDS[config.attention]
         self.scale = mc.head_dim**-0.5
-        self.last_kv_tokens_read = 0
+        # What the last step computed and read, for the cost model.
+        self.last_step: StepShape | None = None
 
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Runs the step; returns fp32 logits (num sampled seqs, vocab) in batch.seqs order."""
@@ -104,7 +106,14 @@ class ModelRunner:
             block_size=bs,
         )
         attn = self.attention_cls(self.kv_cache, meta, self.scale, self.model.config.sliding_window)
-        self.last_kv_tokens_read = attn.kv_tokens_read
+        self.last_step = StepShape(
+            query_lens=tuple(meta.query_lens),
+            context_lens=tuple(meta.context_lens),
+            kv_tokens_read=attn.kv_tokens_read,
+            num_logits=len(sample_rows),
+            kv_tokens_shared=attn.kv_tokens_shared,
+            shared_groups=attn.shared_groups,
+        )
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
