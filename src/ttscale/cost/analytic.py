@@ -42,6 +42,7 @@ from ttscale.cost.hardware import (
     roofline_time,
 )
 from ttscale.cost.model import LOGIT_BYTES, ModelShape, StepCost, StepShape, step_cost
+from ttscale.cost.steptime import StepTimeModel
 
 # --------------------------------------------------------------------------- strategies
 
@@ -203,12 +204,17 @@ def decode_step(run: RunSpec, j: int) -> StepShape:
     if not 1 <= j <= run.decode_steps:
         raise ValueError(f"decode step {j} outside 1..{run.decode_steps}")
     n, c = run.num_samples, run.prompt_len + j
-    if run.read_prefix_once:
+    if run.read_prefix_once and n > 1 and run.shared_tokens:
         s = run.shared_tokens
-        kv_read = s + n * (c - s)
-    else:
-        kv_read = n * c
-    return StepShape((1,) * n, (c,) * n, kv_tokens_read=kv_read, num_logits=n)
+        return StepShape(
+            (1,) * n,
+            (c,) * n,
+            kv_tokens_read=s + n * (c - s),
+            num_logits=n,
+            kv_tokens_shared=s,
+            shared_groups=1,
+        )
+    return StepShape((1,) * n, (c,) * n, kv_tokens_read=n * c, num_logits=n)
 
 
 def run_steps(run: RunSpec) -> list[StepShape]:
@@ -232,6 +238,9 @@ class PhaseEstimate:
     time: float  # sum over steps of max(compute, memory): the roofline lower bound
     bound: Bound  # which of the two summed terms is larger
     efflops: float  # FLOPs + I * bytes
+    # Wall time this engine is predicted to take on the calibrated machine (steptime.py);
+    # None without a step-time calibration for the model.
+    predicted_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -244,6 +253,7 @@ class PhaseEstimate:
             "time_s": self.time,
             "bound": self.bound,
             "efflops": self.efflops,
+            "predicted_time_s": self.predicted_time,
         }
 
 
@@ -276,6 +286,13 @@ class Estimate:
     @property
     def efflops(self) -> float:
         return self.prefill.efflops + self.decode.efflops
+
+    @property
+    def predicted_time(self) -> float | None:
+        """Predicted wall time on the calibrated machine (None without a calibration)."""
+        if self.prefill.predicted_time is None or self.decode.predicted_time is None:
+            return None
+        return self.prefill.predicted_time + self.decode.predicted_time
 
     @property
     def peak_kv_bytes(self) -> float:
@@ -322,6 +339,7 @@ class Estimate:
                 "time_s": self.time,
                 "efflops": self.efflops,
                 "tokens_per_second": self.tokens_per_second,
+                "predicted_time_s": self.predicted_time,
             },
             "weight_bytes": self.weight_bytes,
             "peak_kv_bytes": self.peak_kv_bytes,
@@ -341,6 +359,7 @@ def _phase(
     step_bytes: np.ndarray,
     hw: Hardware,
     dtype: str,
+    predicted_time: float | None,
 ) -> PhaseEstimate:
     """Roofline per step (a vector over the phase's steps), summed."""
     peak, bw = hw.peak_flops(dtype), hw.mem_bandwidth
@@ -357,6 +376,7 @@ def _phase(
         time=float(np.maximum(t_compute, t_memory).sum()),
         bound="compute" if ct >= mt else "memory",
         efflops=cost.efflops(hw.intensity(dtype)),
+        predicted_time=predicted_time,
     )
 
 
@@ -374,12 +394,20 @@ def estimate(
     weight_bytes_per_param: float | None = None,
     kv_bytes: float | None = None,
     strategy: Strategy | None = None,
+    step_model: StepTimeModel | None = None,
 ) -> Estimate:
     """Price N parallel samples of one prompt (see the module docstring for the steps).
 
     dtype sets the compute rate and, unless overridden, the bytes per weight and per KV
     element (e.g. weight_bytes_per_param=0.5625 for 4.5-bit quantised weights).
+    With a `step_model` calibrated for this shape, each phase also carries the wall time the
+    engine is predicted to take on that machine.
     """
+    if step_model is not None and not step_model.matches(shape, normalize_dtype(dtype)):
+        raise ValueError(
+            f"the step-time calibration is for {step_model.shape.name} in {step_model.dtype}, "
+            f"not {shape.name} in {normalize_dtype(dtype)}"
+        )
     dtype = normalize_dtype(dtype)
     wb = float(DTYPE_BYTES[dtype] if weight_bytes_per_param is None else weight_bytes_per_param)
     kb = float(DTYPE_BYTES[dtype] if kv_bytes is None else kv_bytes)
@@ -397,6 +425,7 @@ def estimate(
         np.array([pre.bytes]),
         hw,
         dtype,
+        None if step_model is None else step_model.predict(prefill_step(run)),
     )
 
     # Decode, closed form over j = 1..D (D = G - 1), per step j:
@@ -432,7 +461,24 @@ def estimate(
         + n * kv_tok
         + n * shape.vocab * LOGIT_BYTES
     )
-    decode = _phase("decode", d_steps, n * d_steps, decode_cost, step_flops, step_bytes, hw, dtype)
+    decode_predicted = None
+    if step_model is not None:
+        # A decode step's predicted time is affine in j (fixed matmul rows, KV reads and
+        # attention pairs linear in the context), so the sum over j = 1..D is D times the
+        # mean of its ends.
+        ends = (decode_step(run, 1), decode_step(run, d_steps)) if d_steps else ()
+        decode_predicted = d_steps * sum(map(step_model.predict, ends)) / 2 if ends else 0.0
+    decode = _phase(
+        "decode",
+        d_steps,
+        n * d_steps,
+        decode_cost,
+        step_flops,
+        step_bytes,
+        hw,
+        dtype,
+        decode_predicted,
+    )
 
     return Estimate(
         model=shape.name,

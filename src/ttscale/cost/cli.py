@@ -21,8 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ttscale.cost.analytic import Estimate, estimate, parse_strategy
-from ttscale.cost.hardware import Hardware, load_hardware, save_hardware
-from ttscale.cost.model import load_shape
+from ttscale.cost.hardware import (
+    Hardware,
+    load_hardware,
+    local_profile_name,
+    normalize_dtype,
+    save_hardware,
+)
+from ttscale.cost.model import ModelShape, load_shape
+from ttscale.cost.steptime import StepTimeModel, find_step_model
 
 _out = Console()
 _err = Console(stderr=True)
@@ -60,7 +67,7 @@ def _seconds(t: float) -> str:
     return f"{t * 1e6:.3g} µs"
 
 
-def _print_estimate(est: Estimate, hw: Hardware) -> None:
+def _print_estimate(est: Estimate, hw: Hardware, step_model: StepTimeModel | None) -> None:
     run = est.run
     strategy = est.strategy
     title = (
@@ -100,6 +107,12 @@ def _print_estimate(est: Estimate, hw: Hardware) -> None:
         "eFLOPs",
         lambda ph: _si(ph.efflops, "FLOP") if ph else f"[bold]{_si(est.efflops, 'FLOP')}[/]",
     )
+    if est.predicted_time is not None:
+        total = f"[bold]{_seconds(est.predicted_time)}[/]"
+        row(
+            "predicted time here (calibrated)",
+            lambda ph: _seconds(ph.predicted_time) if ph else total,
+        )
     _out.print(table)
 
     mem = Table(show_header=False, box=None, padding=(0, 2))
@@ -116,6 +129,8 @@ def _print_estimate(est: Estimate, hw: Hardware) -> None:
     if strategy is not None and strategy.approximate:
         _out.print(f"[yellow]approximation:[/] {strategy.note}", highlight=False)
     _out.print(f"[dim]hardware: {hw.source}[/]", highlight=False)
+    if est.predicted_time is not None and step_model is not None:
+        _out.print(f"[dim]predicted time: step-time model {step_model.source}[/]", highlight=False)
 
 
 def cost(
@@ -157,6 +172,14 @@ def cost(
     profile_dir: Annotated[
         Path | None, typer.Option(help="Where saved hardware profiles live.")
     ] = None,
+    step_model: Annotated[
+        str,
+        typer.Option(
+            help="Predict this engine's wall time with a step-time calibration: 'auto' (this "
+            "machine's, from `ttscale calibrate --model`, when --hardware is this machine), "
+            "'none', or a JSON file."
+        ),
+    ] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Price a test-time-scaling run (FLOPs, bytes, roofline time, KV memory) without running
@@ -165,6 +188,7 @@ def cost(
         shape = load_shape(model)
         hw = load_hardware(hardware, profile_dir)
         strat = parse_strategy(strategy)
+        steps = _step_model(step_model, shape, dtype, hw, profile_dir)
         est = estimate(
             shape,
             prompt_len,
@@ -176,15 +200,38 @@ def cost(
             block_size=block_size,
             weight_bytes_per_param=weight_bytes,
             strategy=strat,
+            step_model=steps,
         )
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
     if json_out:
         data: dict[str, Any] = est.to_dict()
         data["hardware_profile"] = hw.to_dict()
+        data["step_model_source"] = steps.source if steps else None
         typer.echo(json.dumps(data, indent=2))
     else:
-        _print_estimate(est, hw)
+        _print_estimate(est, hw, steps)
+
+
+def _step_model(
+    spec: str, shape: ModelShape, dtype: str, hw: Hardware, profile_dir: Path | None
+) -> StepTimeModel | None:
+    """The step-time calibration `spec` names (see `cost --step-model`)."""
+    key = spec.strip().lower()
+    if key == "none":
+        return None
+    if key == "auto":
+        # Only this machine's calibration predicts this machine's time.
+        if hw.name != local_profile_name():
+            return None
+        return find_step_model(shape, normalize_dtype(dtype), directory=profile_dir)
+    model = StepTimeModel.load(spec)
+    if not model.matches(shape, normalize_dtype(dtype)):
+        raise ValueError(
+            f"{spec}: calibrated for {model.shape.name} in {model.dtype}, "
+            f"not {shape.name} in {normalize_dtype(dtype)}"
+        )
+    return model
 
 
 def calibrate_cmd(
@@ -196,11 +243,20 @@ def calibrate_cmd(
     profile_dir: Annotated[
         Path | None, typer.Option(help="Where to save (default ~/.cache/ttscale/hardware).")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Also calibrate the engine's step time for this model (folder, .gguf or "
+            "'default'; ~30 s), so `ttscale cost --hardware local` predicts wall time."
+        ),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Model dtype for --model.")] = "float32",
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
 ) -> None:
-    """Measure this machine's matmul FLOP/s and memory bandwidth and save its profile."""
+    """Measure this machine's matmul FLOP/s and memory bandwidth and save its profile; with
+    --model, also calibrate the engine's step-time model for that model."""
     from ttscale.cost.calibrate import measure  # torch import only when calibrating
 
     try:
@@ -208,7 +264,11 @@ def calibrate_cmd(
     except ValueError as e:
         raise _fail(str(e)) from None
     hw = cal.to_hardware()
-    path = save_hardware(hw, profile_dir) if save else None
+    try:
+        path = save_hardware(hw, profile_dir) if save else None
+        steps = _calibrate_steps(model, dtype, threads, save, profile_dir, quiet=json_out)
+    except OSError as e:
+        raise _fail(f"cannot save the profile: {e}") from None
     if json_out:
         typer.echo(
             json.dumps(
@@ -226,6 +286,8 @@ def calibrate_cmd(
                         "seconds": cal.seconds,
                     },
                     "saved_to": str(path) if path else None,
+                    "step_model": steps[0].to_dict() if steps else None,
+                    "step_model_saved_to": str(steps[1]) if steps and steps[1] else None,
                 },
                 indent=2,
             )
@@ -246,6 +308,48 @@ def calibrate_cmd(
     if path:
         where = "" if profile_dir is None else f" --profile-dir {profile_dir}"
         _out.print(f"saved to {path} (use --hardware local{where})", highlight=False)
+    if steps:
+        _print_step_model(*steps)
+
+
+def _calibrate_steps(
+    model: str | None,
+    dtype: str,
+    threads: int | None,
+    save: bool,
+    profile_dir: Path | None,
+    quiet: bool,
+) -> tuple[StepTimeModel, Path | None] | None:
+    """Load `model` and calibrate its step-time model (None without --model)."""
+    if model is None:
+        return None
+    from ttscale import LLM
+    from ttscale.cost.calibrate_steps import calibrate_engine
+
+    try:
+        llm = LLM(None if model == "default" else model, dtype=dtype, num_threads=threads,
+                  hardware=None)  # fmt: skip
+        log = None if quiet else (lambda msg: _err.print(f"[dim]{msg}[/]", highlight=False))
+        result = calibrate_engine(llm.engine, log=log, model_name=Path(llm.source).stem)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    return result.model, result.model.save(profile_dir) if save else None
+
+
+def _print_step_model(model: StepTimeModel, path: Path | None) -> None:
+    title = f"step-time model: {model.shape.name} ({model.dtype}, {model.threads} threads)"
+    table = Table(title=title)
+    table.add_column("term")
+    table.add_column("seconds per unit", justify="right")
+    table.add_row("one block's matmuls, 1 row", _seconds(model.layer_linear(1)))
+    table.add_row("one block's matmuls, 64 rows", _seconds(model.layer_linear(64)))
+    table.add_row("lm_head, 1 row", _seconds(model.lm_head(1)))
+    for name, value in model.coefficients.items():
+        table.add_row(name, f"{value:.3g} s")
+    _out.print(table)
+    _out.print(f"[dim]{model.source}[/]", highlight=False)
+    if path:
+        _out.print(f"saved to {path} (`ttscale cost --hardware local` uses it)", highlight=False)
 
 
 cost_app = typer.Typer(help="ttscale cost model (standalone).", no_args_is_help=True)

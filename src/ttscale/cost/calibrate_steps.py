@@ -1,0 +1,240 @@
+"""Calibrate the step-time model (steptime.py) by running the engine's own model.
+
+Two measurements, on an idle engine:
+  1. Row tables: the seconds of one decoder block's matmuls, and of the lm_head, at 1 ... 2048
+     rows, timed on the model's own packed weights. Up to 128 rows every block runs in turn,
+     so the weights stream from memory as in a real step (one block's weights would sit in
+     cache and flatter the small-row times); from 256 rows a GEMM is compute-bound and two
+     blocks suffice.
+  2. Calibration steps: synthetic batches run through `ModelRunner.run` (decode with
+     independent sequences, decode of fork groups that share a prefix, prefill chunks with
+     and without past context), each timed as the median of a few repetitions. Their block
+     tables point at pool blocks filled with random KV, so no prefill is needed to set up a
+     decode at context 1536. The overhead coefficients are fitted on these steps.
+
+The calibration grid deliberately avoids the batch sizes and contexts of the validation
+benchmark (benchmarks/bench_cost_model.py: 1/4/16/64 sequences at 128/512/1024/2048), so the
+benchmark's error is measured on steps the fit never saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ttscale.attention.paged import KVCache
+from ttscale.cost.hardware import local_profile_name
+from ttscale.cost.model import StepShape
+from ttscale.cost.steptime import (
+    CalibrationStep,
+    FitResult,
+    RowTable,
+    StepTimeModel,
+    fit_overheads,
+)
+from ttscale.engine.scheduler import ScheduledSeq, SchedulerOutput
+from ttscale.models.layers import Linear
+
+if TYPE_CHECKING:
+    from ttscale.engine.llm_engine import LLMEngine
+
+TABLE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+LM_HEAD_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Rows from which a GEMM is compute-bound, so timing two blocks (weights in cache) is honest.
+STREAMING_ROWS_LIMIT = 128
+
+# (sequences, context) of decode steps; (new tokens, past context) of prefill chunks.
+DECODE_INDEPENDENT = ((1, 64), (1, 1536), (2, 384), (2, 1536), (8, 64), (8, 768), (8, 1536),
+                      (12, 1200), (32, 64), (32, 384), (96, 64))  # fmt: skip
+DECODE_SHARED = ((2, 64), (2, 768), (2, 1536), (8, 64), (8, 768), (8, 1536), (32, 64),
+                 (32, 768), (32, 1536), (96, 64), (96, 1536))  # fmt: skip
+PREFILL = ((32, 0), (192, 0), (768, 0), (1536, 0), (256, 768), (64, 1536))
+
+
+@dataclass(frozen=True)
+class SyntheticStep:
+    label: str
+    seqs: list[ScheduledSeq]
+
+
+@dataclass
+class EngineCalibration:
+    model: StepTimeModel
+    steps: list[CalibrationStep]  # what was measured
+    fit: FitResult  # the fit's error on those steps
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up: first call of a shape allocates and selects kernels
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_row_tables(model: torch.nn.Module, reps: int = 3) -> tuple[RowTable, RowTable]:
+    """(one block's matmuls, lm_head) seconds at TABLE_ROWS and LM_HEAD_ROWS rows."""
+    blocks = [[m for m in layer.modules() if isinstance(m, Linear)] for layer in model.layers]
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def inputs(rows: int, linears: list[Linear]) -> dict[int, torch.Tensor]:
+        widths = {m.in_features for m in linears}
+        return {w: torch.randn(rows, w, generator=gen, device=device, dtype=dtype) for w in widths}
+
+    layer_seconds = []
+    for rows in TABLE_ROWS:
+        used = blocks if rows <= STREAMING_ROWS_LIMIT else blocks[: min(2, len(blocks))]
+        x = inputs(rows, blocks[0])
+
+        def run_blocks(used: list[list[Linear]] = used, x: dict = x) -> None:
+            for block in used:
+                for m in block:
+                    m(x[m.in_features])
+
+        layer_seconds.append(_median_time(run_blocks, reps) / len(used))
+    head_seconds = []
+    for rows in LM_HEAD_ROWS:
+        h = torch.randn(rows, model.config.hidden_size, generator=gen, device=device, dtype=dtype)
+        head_seconds.append(_median_time(lambda h=h: model.compute_logits(h), reps))
+    return RowTable(TABLE_ROWS, tuple(layer_seconds)), RowTable(LM_HEAD_ROWS, tuple(head_seconds))
+
+
+def synthetic_steps(
+    block_size: int, num_blocks: int, max_context: int, max_tokens: int, vocab_size: int
+) -> list[SyntheticStep]:
+    """The calibration batches that fit a pool of `num_blocks` blocks and the model's context.
+
+    Block ids are handed out from 0 upwards; blocks are reused between steps (their KV is
+    random either way). Decode sequences read a context of C tokens and write token C;
+    fork-group members share every full block before their last `block_size // 2 + 1` tokens.
+    """
+    steps: list[SyntheticStep] = []
+    token = min(1000, vocab_size - 1)  # any id: the step's cost does not depend on it
+
+    def blocks_for(tokens: int) -> int:
+        return -(-tokens // block_size)
+
+    for b, c in DECODE_INDEPENDENT:
+        if c > max_context or b * blocks_for(c) > num_blocks:
+            continue
+        n = blocks_for(c)
+        seqs = [
+            ScheduledSeq(i, [token], c - 1, list(range(i * n, (i + 1) * n)), True) for i in range(b)
+        ]
+        steps.append(SyntheticStep(f"decode B={b} C={c} independent", seqs))
+    for b, c in DECODE_SHARED:
+        suffix = block_size // 2 + 1
+        prefix_blocks = (c - suffix) // block_size
+        if c > max_context or prefix_blocks < 2:
+            continue
+        tail = blocks_for(c) - prefix_blocks
+        if prefix_blocks + b * tail > num_blocks:
+            continue
+        shared = list(range(prefix_blocks))
+        seqs = []
+        for i in range(b):
+            first = prefix_blocks + i * tail
+            seqs.append(
+                ScheduledSeq(i, [token], c - 1, shared + list(range(first, first + tail)), True)
+            )
+        steps.append(SyntheticStep(f"decode B={b} C={c} shared", seqs))
+    for t, past in PREFILL:
+        c = past + t
+        if c > max_context or t > max_tokens or blocks_for(c) > num_blocks:
+            continue
+        seqs = [ScheduledSeq(0, [token] * t, past, list(range(blocks_for(c))), True)]
+        steps.append(SyntheticStep(f"prefill T={t} past={past}", seqs))
+    return steps
+
+
+@torch.inference_mode()
+def calibrate_engine(
+    engine: LLMEngine,
+    reps: int = 3,
+    log: Callable[[str], None] | None = None,
+    model_name: str = "",
+) -> EngineCalibration:
+    """Calibrate the step-time model on an idle `LLMEngine` (no requests in flight);
+    `model_name` names it (default: the architecture).
+
+    Scribbles random KV over the pool, so the prefix cache is dropped before and after.
+    """
+    if engine.requests or engine.has_unfinished:
+        raise RuntimeError("calibrate the step-time model on an idle engine (requests in flight)")
+    runner = engine.runner
+    model = runner.model
+    meter = engine.cost_meter
+    say = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    engine.reset_prefix_cache()
+    try:
+        say("row tables: matmuls at 1..2048 rows")
+        layer_linear, lm_head = measure_row_tables(model, reps)
+        steps = synthetic_steps(
+            runner.config.block_size,
+            runner.num_blocks,
+            getattr(model.config, "max_position_embeddings", None) or 1 << 30,
+            engine.scheduler.config.max_num_batched_tokens,
+            model.config.vocab_size,
+        )
+        if len(steps) < 6:
+            raise RuntimeError(
+                f"only {len(steps)} calibration steps fit this KV pool ({runner.num_blocks} "
+                "blocks) and context: give the engine a larger kv_cache_gb"
+            )
+        _fill_random_kv(runner.kv_cache, steps, runner.config.block_size)
+        measured: list[CalibrationStep] = []
+        for s in steps:
+            batch = SchedulerOutput(seqs=s.seqs)
+            seconds = _median_time(lambda batch=batch: runner.run(batch), reps)
+            assert runner.last_step is not None
+            measured.append(CalibrationStep(runner.last_step, seconds, s.label))
+            say(f"{s.label}: {seconds * 1e3:.1f} ms")
+    finally:
+        engine.reset_prefix_cache()
+
+    def linear_time(step: StepShape) -> float:
+        assert step.num_logits is not None
+        return meter.shape.layers * layer_linear(step.num_tokens) + lm_head(step.num_logits)
+
+    fit = fit_overheads(meter.shape, meter.bytes_per_value, measured, linear_time)
+    date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    model_fit = StepTimeModel(
+        shape=dataclasses.replace(meter.shape, name=model_name or meter.shape.name),
+        dtype=meter.dtype,
+        kv_bytes=meter.bytes_per_value,
+        threads=torch.get_num_threads(),
+        layer_linear=layer_linear,
+        lm_head=lm_head,
+        coefficients=fit.coefficients,
+        machine=local_profile_name(),
+        source=(
+            f"calibrated by ttscale on {date}: {len(measured)} synthetic steps x {reps} reps, "
+            f"{time.perf_counter() - t_start:.0f} s; fit median |error| "
+            f"{fit.median_abs_error:.1%} on its own steps"
+        ),
+        fit_median_error=fit.median_abs_error,
+    )
+    return EngineCalibration(model_fit, measured, fit)
+
+
+def _fill_random_kv(cache: KVCache, steps: list[SyntheticStep], block_size: int) -> None:
+    """Random KV in every block the steps touch: untouched pool pages would page-fault (and
+    read as zeros) during the timed steps."""
+    top = max(b for s in steps for q in s.seqs for b in q.block_table) + 1
+    gen = torch.Generator(device=cache.k.device).manual_seed(0)
+    for pool in (cache.k, cache.v):
+        for layer in pool:
+            layer[: top * block_size].normal_(generator=gen)
