@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ttscale import LLM, SamplingParams
+from ttscale.cost.analytic import estimate
 from ttscale.cost.calibrate import calibrate
 from ttscale.cost.calibrate_steps import calibrate_engine
 from ttscale.cost.hardware import Hardware, bound, roofline_time
@@ -122,6 +123,43 @@ def measure_prefill(
     }
 
 
+def measure_run(
+    llm: LLM, hw: Hardware, step_model: StepTimeModel, n: int, prompt_len: int, gen_len: int
+) -> dict:
+    """A whole parallel-sampling run (n samples of one prompt) against the analytic what-if
+    estimate that `ttscale cost --hardware local` prints for it."""
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    meter = engine.cost_meter
+    est = estimate(
+        meter.shape, prompt_len, gen_len, n, hw, dtype=meter.dtype,
+        block_size=engine.runner.config.block_size, step_model=step_model,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(n * 7 + prompt_len)
+    prompt = torch.randint(100, llm.config.vocab_size, (prompt_len,), generator=gen).tolist()
+    params = SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=gen_len, ignore_eos=True)
+    before = engine.stats["model_time"]
+    engine.add_request("run", prompt, params)
+    while engine.has_unfinished:
+        engine.step()
+    measured = engine.stats["model_time"] - before
+    r = {
+        "samples": n,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "measured_s": measured,
+        "predicted_s": est.predicted_time,
+        "roofline_s": est.time,
+    }
+    err = (measured - est.predicted_time) / measured
+    print(
+        f"run     N={n:3} P={prompt_len:5} G={gen_len:4}  measured {measured:6.2f} s  "
+        f"predicted {est.predicted_time:6.2f} s (error {err:6.1%})  roofline {est.time:6.2f} s",
+        flush=True,
+    )
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -162,6 +200,9 @@ def main() -> None:
         r.update(kind="prefill", batch=1, context=tokens, shared=False, bound="compute")
         rows.append(r)
         print_row(r)
+    runs = [
+        measure_run(llm, hw, step_model, n, p, g) for n, p, g in ((16, 128, 64), (4, 1024, 256))
+    ]
     errors = [abs(r["measured_s"] - r["predicted_s"]) / r["measured_s"] for r in rows]
     gaps = [(r["measured_s"] - r["roofline_s"]) / r["measured_s"] for r in rows]
     print(
@@ -180,6 +221,7 @@ def main() -> None:
                     {"label": c.label, "measured_s": c.seconds} for c in calibration.steps
                 ],
                 "rows": rows,
+                "runs": runs,
                 "median_abs_error": statistics.median(errors),
                 "median_roofline_gap": statistics.median(gaps),
             },

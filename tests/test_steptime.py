@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from ttscale.cost.hardware import saved_profiles
 from ttscale.cost.model import ModelShape, StepShape
 from ttscale.cost.steptime import (
     FEATURES,
@@ -154,6 +155,7 @@ def test_model_validation_round_trip_and_lookup(tmp_path) -> None:
 
     path = model.save(tmp_path)
     assert path.name == "local-test.steps.model.fp32.t1.json"
+    assert saved_profiles(tmp_path) == []  # not offered as a hardware profile
     again = StepTimeModel.load(path)
     assert again == model
     step = _steps()[3]

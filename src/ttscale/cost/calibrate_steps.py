@@ -71,43 +71,50 @@ class EngineCalibration:
     fit: FitResult  # the fit's error on those steps
 
 
-def _median_time(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up: first call of a shape allocates and selects kernels
-    times = []
+def _median_times(fns: list[Callable[[], object]], reps: int) -> list[float]:
+    """Median seconds of each of `fns`, timed round-robin: a disturbance that lasts a while
+    (another process running for a second) then hits one repetition of many measurements,
+    which the median ignores, instead of every repetition of one."""
+    for fn in fns:
+        fn()  # warm-up: the first call of a shape allocates and selects kernels
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 @torch.inference_mode()
-def measure_row_tables(model: torch.nn.Module, reps: int = 3) -> tuple[RowTable, RowTable]:
-    """(one block's matmuls, lm_head) seconds at TABLE_ROWS and LM_HEAD_ROWS rows."""
+def measure_row_tables(model: torch.nn.Module, reps: int = 5) -> tuple[RowTable, RowTable]:
+    """(one block's matmuls, lm_head) seconds at TABLE_ROWS and LM_HEAD_ROWS rows, the median
+    of `reps` round-robin repetitions."""
     blocks = [[m for m in layer.modules() if isinstance(m, Linear)] for layer in model.layers]
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def inputs(rows: int, linears: list[Linear]) -> dict[int, torch.Tensor]:
-        widths = {m.in_features for m in linears}
-        return {w: torch.randn(rows, w, generator=gen, device=device, dtype=dtype) for w in widths}
-
-    layer_seconds = []
-    for rows in TABLE_ROWS:
+    def block_run(rows: int) -> tuple[Callable[[], None], int]:
+        """Runs the blocks' matmuls on `rows` rows; and how many blocks that is."""
         used = blocks if rows <= STREAMING_ROWS_LIMIT else blocks[: min(2, len(blocks))]
-        x = inputs(rows, blocks[0])
+        widths = {m.in_features for m in blocks[0]}
+        x = {w: torch.randn(rows, w, generator=gen, device=device, dtype=dtype) for w in widths}
 
-        def run_blocks(used: list[list[Linear]] = used, x: dict = x) -> None:
+        def run() -> None:
             for block in used:
                 for m in block:
                     m(x[m.in_features])
 
-        layer_seconds.append(_median_time(run_blocks, reps) / len(used))
-    head_seconds = []
-    for rows in LM_HEAD_ROWS:
+        return run, len(used)
+
+    def head_run(rows: int) -> Callable[[], object]:
         h = torch.randn(rows, model.config.hidden_size, generator=gen, device=device, dtype=dtype)
-        head_seconds.append(_median_time(lambda h=h: model.compute_logits(h), reps))
+        return lambda: model.compute_logits(h)
+
+    runs, counts = zip(*(block_run(r) for r in TABLE_ROWS), strict=True)
+    layer_seconds = [t / n for t, n in zip(_median_times(list(runs), reps), counts, strict=True)]
+    head_seconds = _median_times([head_run(r) for r in LM_HEAD_ROWS], reps)
     return RowTable(TABLE_ROWS, tuple(layer_seconds)), RowTable(LM_HEAD_ROWS, tuple(head_seconds))
 
 
@@ -181,7 +188,7 @@ def calibrate_engine(
     engine.reset_prefix_cache()
     try:
         say("row tables: matmuls at 1..2048 rows")
-        layer_linear, lm_head = measure_row_tables(model, reps)
+        layer_linear, lm_head = measure_row_tables(model, max(reps, 5))
         steps = synthetic_steps(
             runner.config.block_size,
             runner.num_blocks,
@@ -195,13 +202,25 @@ def calibrate_engine(
                 "blocks) and context: give the engine a larger kv_cache_gb"
             )
         _fill_random_kv(runner.kv_cache, steps, runner.config.block_size)
-        measured: list[CalibrationStep] = []
-        for s in steps:
-            batch = SchedulerOutput(seqs=s.seqs)
-            seconds = _median_time(lambda batch=batch: runner.run(batch), reps)
-            assert runner.last_step is not None
-            measured.append(CalibrationStep(runner.last_step, seconds, s.label))
-            say(f"{s.label}: {seconds * 1e3:.1f} ms")
+        shapes: dict[int, StepShape] = {}
+
+        def step_run(i: int, batch: SchedulerOutput) -> Callable[[], None]:
+            def run() -> None:
+                runner.run(batch)
+                assert runner.last_step is not None
+                shapes[i] = runner.last_step
+
+            return run
+
+        say(f"{len(steps)} calibration steps x {reps} reps")
+        runs = [step_run(i, SchedulerOutput(seqs=s.seqs)) for i, s in enumerate(steps)]
+        seconds = _median_times(runs, reps)
+        measured = [
+            CalibrationStep(shapes[i], t, s.label)
+            for i, (s, t) in enumerate(zip(steps, seconds, strict=True))
+        ]
+        for c in measured:
+            say(f"{c.label}: {c.seconds * 1e3:.1f} ms")
     finally:
         engine.reset_prefix_cache()
 

@@ -214,30 +214,44 @@ def save_hardware(hw: Hardware, directory: str | Path | None = None) -> Path:
     """Write `hw` to `<directory>/<name>.json` (default ~/.cache/ttscale/hardware)."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", hw.name) or hw.name.startswith("."):
         raise ValueError(f"hardware name {hw.name!r} cannot be a file name")
-    d = profile_dir(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{hw.name}.json"
+    return write_profile(profile_dir(directory) / f"{hw.name}.json", hw.to_dict())
+
+
+def write_profile(path: Path, data: dict[str, Any]) -> Path:
+    """Writes `data` as JSON to `path` atomically: a reader never sees half a profile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(hw.to_dict(), indent=2) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a profile
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 
-def read_hardware(path: str | Path) -> Hardware:
-    """Load a profile from a JSON file."""
+def read_profile(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; a ValueError naming `what` it should have been otherwise."""
     p = Path(path).expanduser()
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not a JSON hardware profile ({e})") from None
+        raise ValueError(f"{p}: not a JSON {what} ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: not a JSON hardware profile")
-    return Hardware.from_dict(data)
+        raise ValueError(f"{p}: not a JSON {what}")
+    return data
+
+
+def read_hardware(path: str | Path) -> Hardware:
+    """Load a profile from a JSON file."""
+    return Hardware.from_dict(read_profile(path, "hardware profile"))
+
+
+# Step-time calibrations (steptime.py) live in the same folder as `<machine>.steps.*.json`.
+STEP_PROFILE_MARK = ".steps."
 
 
 def saved_profiles(directory: str | Path | None = None) -> list[str]:
     d = profile_dir(directory)
-    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json") if STEP_PROFILE_MARK not in p.name)
 
 
 def available_hardware(directory: str | Path | None = None) -> list[str]:

@@ -28,7 +28,6 @@ limit"; this model answers "how long will this take here".
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -38,7 +37,13 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from ttscale.cost.hardware import profile_dir
+from ttscale.cost.hardware import (
+    STEP_PROFILE_MARK,
+    local_profile_name,
+    profile_dir,
+    read_profile,
+    write_profile,
+)
 from ttscale.cost.model import ModelShape, StepShape
 
 PROFILE_FORMAT = 1
@@ -209,27 +214,15 @@ class StepTimeModel:
     def file_name(self) -> str:
         """`<machine>.steps.<model>.<dtype>.t<threads>.json`, unique per calibration key."""
         model = re.sub(r"[^A-Za-z0-9._-]+", "_", self.shape.name or "model")
-        return f"{self.machine or 'machine'}.steps.{model}.{self.dtype}.t{self.threads}.json"
+        machine = self.machine or "machine"
+        return f"{machine}{STEP_PROFILE_MARK}{model}.{self.dtype}.t{self.threads}.json"
 
     def save(self, directory: str | Path | None = None) -> Path:
-        d = profile_dir(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / self.file_name()
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)  # atomic: a reader never sees half a profile
-        return path
+        return write_profile(profile_dir(directory) / self.file_name(), self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> StepTimeModel:
-        p = Path(path).expanduser()
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not a JSON step-time profile ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: not a JSON step-time profile")
-        return cls.from_dict(data)
+        return cls.from_dict(read_profile(path, "step-time profile"))
 
 
 def find_step_model(
@@ -241,11 +234,9 @@ def find_step_model(
 ) -> StepTimeModel | None:
     """The saved calibration of `machine` (default: this one) that matches `shape`, `dtype`
     and `threads`, or None."""
-    from ttscale.cost.hardware import local_profile_name
-
     machine = machine or local_profile_name()
     d = profile_dir(directory)
-    for path in sorted(d.glob(f"{machine}.steps.*.json")) if d.is_dir() else []:
+    for path in sorted(d.glob(f"{machine}{STEP_PROFILE_MARK}*.json")) if d.is_dir() else []:
         try:
             model = StepTimeModel.load(path)
         except ValueError:
