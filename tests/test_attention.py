@@ -1,4 +1,5 @@
-"""Fast paged attention (batched decode + shared-prefix cascade) against the eager reference.
+"""Fast paged attention (batched decode + shared-prefix cascade) against the eager reference,
+with the fused CPU flash kernel and with the batched-matmul path (used off CPU).
 
 Tolerance: 1e-5 max abs on unit-scale random data (fp32; only summation order differs).
 """
@@ -16,6 +17,18 @@ from ttscale.attention.paged import (
 )
 
 BS, KVH, H, D = 4, 2, 6, 8
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "matmul"], autouse=True)
+def decode_path(request, monkeypatch):
+    """Every test runs on both decode paths of PagedAttention."""
+    init = PagedAttention.__init__
+
+    def init_with_path(self, *args, **kwargs):
+        init(self, *args, **kwargs, fused=request.param)
+
+    monkeypatch.setattr(PagedAttention, "__init__", init_with_path)
+    return request.param
 
 
 def run_both(tables, context_lens, query_lens, window=None, seed=0):
@@ -39,10 +52,11 @@ def run_both(tables, context_lens, query_lens, window=None, seed=0):
     return outs, attn
 
 
-def test_forked_group_with_shared_prefix():
+def test_forked_group_with_shared_prefix(decode_path):
     # Four samples share blocks 0-2 (12 tokens) and own one or two private blocks each.
     tables = [[0, 1, 2, 10], [0, 1, 2, 11], [0, 1, 2, 12, 13], [0, 1, 2, 14]]
-    ref, fast = run_both(tables, [14, 15, 18, 13], [1, 1, 1, 1])[0]
+    (ref, fast), attn = run_both(tables, [14, 15, 18, 13], [1, 1, 1, 1])
+    assert attn.fused == decode_path and len(attn.groups) == 1
     assert (ref - fast).abs().max() < 1e-5
 
 
