@@ -32,13 +32,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
 
-ENGINES = ("ttscale", "transformers", "llamacpp")
+# ttscale-bf16: the same engine with bf16 weights and KV (native bf16 matmuls on AVX512-BF16
+# / AMX CPUs); plain ttscale runs fp32, as transformers does.
+ENGINES = ("ttscale", "ttscale-bf16", "transformers", "llamacpp")
+OURS = ("ttscale", "ttscale-bf16")
 WORKLOADS = ("single", "parallel", "prefill")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "runs" / "bench_engine.json"
 QUANT_NOTE = (
     "llama.cpp runs the GGUF's Q4_1 weights (F16 KV cache); "
-    "ttscale and transformers dequantize them to fp32."
+    "ttscale and transformers dequantize them to fp32, ttscale-bf16 to bf16."
 )
 SAMPLING_NOTE = (
     "parallel sampling: ttscale and transformers use T=0.8, top_p=0.95; the llama.cpp peer "
@@ -62,7 +65,7 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
     from ttscale import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model_path"], num_threads=threads)
+    llm = LLM(model=spec["model_path"], num_threads=threads, dtype=spec.get("dtype", "float32"))
     results: dict[str, Any] = {"load_s": time.perf_counter() - t0}
     single, parallel, prefill = (peers.Variants(spec["prompts"][k]) for k in spec["prompts_keys"])
     T = spec["max_tokens"]
@@ -170,6 +173,7 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
 
 RUNNERS = {
     "ttscale": run_ttscale,
+    "ttscale-bf16": lambda spec: run_ttscale({**spec, "dtype": "bfloat16"}),
     "transformers": peers.run_transformers,
     "llamacpp": peers.run_llamacpp,
 }
@@ -274,24 +278,28 @@ def make_table(
             others = _others_cores(results.get(engine), workload)
             if row[engine] is not None and others is not None and others > peers.CONTENDED_CORES:
                 row["contended"].append(engine)
-        t = row["ttscale"]
-        for peer in ("llamacpp", "transformers"):
-            row[f"ttscale/{peer}"] = t / row[peer] if t and row[peer] else None
+        for ours in OURS:
+            t = row[ours]
+            for peer in ("llamacpp", "transformers"):
+                row[f"{ours}/{peer}"] = t / row[peer] if t and row[peer] else None
         table.append(row)
     return table
 
 
 def print_table(table: list[dict[str, Any]], engines: list[str]) -> None:
     cols = [e for e in ENGINES if e in engines]
-    if "ttscale" in engines:
-        cols += [f"ttscale/{p}" for p in ("llamacpp", "transformers") if p in engines]
+    for ours in OURS:
+        if ours in engines:
+            cols += [f"{ours}/{p}" for p in ("llamacpp", "transformers") if p in engines]
     names = {
         "llamacpp": "llama.cpp",
         "ttscale/llamacpp": "ts/llama.cpp",
         "ttscale/transformers": "ts/transf.",
+        "ttscale-bf16/llamacpp": "bf16/llama.cpp",
+        "ttscale-bf16/transformers": "bf16/transf.",
     }
     w0 = max(len(r["row"]) for r in table) + 2
-    head = "".ljust(w0) + "".join(names.get(c, c).rjust(14) for c in cols)
+    head = "".ljust(w0) + "".join(names.get(c, c).rjust(16) for c in cols)
     print(head)
     print("-" * len(head))
     for r in table:
@@ -299,12 +307,12 @@ def print_table(table: list[dict[str, Any]], engines: list[str]) -> None:
         for c in cols:
             v = r[c]
             if v is None:
-                cells.append("n/a".rjust(14))
-            elif c.startswith("ttscale/"):
-                cells.append(f"{v:.2f}x".rjust(14))
+                cells.append("n/a".rjust(16))
+            elif "/" in c:
+                cells.append(f"{v:.2f}x".rjust(16))
             else:
                 mark = "*" if c in r["contended"] else ""
-                cells.append(f"{v:.1f}{mark}".rjust(14))
+                cells.append(f"{v:.1f}{mark}".rjust(16))
         print(r["row"].ljust(w0) + "".join(cells))
 
 
