@@ -83,12 +83,12 @@ def test_allocate_and_append_across_block_boundaries() -> None:
     bm.append_slots(1, 5)
     assert bm.block_table(1) == [4, 5]
 
-    # Freed uncached blocks go to the tail of the free queue, in reverse table order.
+    # Freed uncached blocks go to the head of the free queue (reused first), in table order.
     bm.free(0)
-    assert list(bm._free) == [6, 7, 3, 2, 1, 0]
+    assert list(bm._free) == [0, 1, 2, 3, 6, 7]
     assert bm.allocate_prefix(2, []) == 0
     bm.append_slots(2, 9)
-    assert bm.block_table(2) == [6, 7, 3]
+    assert bm.block_table(2) == [0, 1, 2]
     assert bm.peak_used_blocks == 6
     bm.check_integrity()
     free_all(bm)
@@ -277,7 +277,7 @@ def test_prefix_caching_disabled() -> None:
     assert not any(bm.is_cached(b) for b in range(8))
     assert bm.allocate_prefix(1, toks(10)) == 0
     bm.free(0)
-    assert list(bm._free)[-3:] == [2, 1, 0]  # nothing evictable: straight back to the queue
+    assert list(bm._free)[:3] == [0, 1, 2]  # nothing evictable: straight back to the queue
     free_all(bm)
 
 
@@ -293,7 +293,7 @@ def test_duplicate_computation_left_unhashed() -> None:
     bm.commit_computed(1, prompt, 8)
     assert [bm.is_cached(b) for b in range(4)] == [True, True, False, False]
     bm.free(1)
-    assert list(bm._free) == [4, 5, 6, 7, 3, 2]  # unhashed duplicates are plain free blocks
+    assert list(bm._free) == [2, 3, 4, 5, 6, 7]  # unhashed duplicates are plain free blocks
     bm.free(0)
     assert list(bm._evictable) == [1, 0]
     bm.check_integrity()
@@ -335,7 +335,7 @@ def test_reviving_an_evictable_block() -> None:
     new_seq(bm, 0, prompt)
     assert bm.block_table(0) == [0, 1, 2]
     bm.free(0)
-    assert list(bm._evictable) == [1, 0] and list(bm._free)[-1] == 2
+    assert list(bm._evictable) == [1, 0] and bm._free[0] == 2
     assert bm.num_free_blocks == 6 and bm.num_used_blocks == 0
     # A hit takes blocks 0 and 1 out of the LRU and references them again.
     assert bm.allocate_prefix(1, prompt) == 8
@@ -393,11 +393,12 @@ def test_truncate() -> None:
     bm.truncate(0, 6)
     assert bm.block_table(0) == [0, 1]
     assert bm.num_tokens(0) == 6
-    assert list(bm._free)[-1] == 2
+    assert bm._free[0] == 2  # the dropped block is reused first
     bm.check_integrity()
-    # Block 1 is full and cached: rewriting position 6 must not corrupt the cache entry.
-    assert bm.append_slots(0, 1) == [(1, 3)]
-    assert bm.block_table(0) == [0, 3]
+    # Block 1 is full and cached: rewriting position 6 must not corrupt the cache entry. The
+    # copy goes to block 2, the most recently freed.
+    assert bm.append_slots(0, 1) == [(1, 2)]
+    assert bm.block_table(0) == [0, 2]
     assert bm.ref_count(1) == 0 and bm.is_cached(1)  # evictable, still hittable
     assert bm.allocate_prefix(1, prompt) == 8
     assert bm.block_table(1) == [0, 1]
@@ -405,14 +406,14 @@ def test_truncate() -> None:
     # An uncached, unshared tail is written in place after truncation.
     bm.truncate(0, 5)
     assert bm.append_slots(0, 2) == []
-    assert bm.block_table(0) == [0, 3]
+    assert bm.block_table(0) == [0, 2]
     # Truncation into a shared block: the next write copies it.
     bm.fork(0, [2])
     bm.truncate(2, 6)
-    assert bm.block_table(2) == [0, 3]
-    assert bm.ref_count(3) == 2
-    assert bm.append_slots(2, 1) == [(3, 4)]
-    assert bm.ref_count(3) == 1
+    assert bm.block_table(2) == [0, 2]
+    assert bm.ref_count(2) == 2
+    assert bm.append_slots(2, 1) == [(2, 3)]
+    assert bm.ref_count(2) == 1
     bm.truncate(2, 0)
     assert bm.block_table(2) == [] and bm.num_tokens(2) == 0
     bm.check_integrity()

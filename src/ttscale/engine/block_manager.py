@@ -10,7 +10,7 @@ Block states (exactly one at any time)
 * **referenced** — ``ref_count > 0``; appears ``ref_count`` times across all block tables.
 * **evictable** — ``ref_count == 0`` but hashed (its KV is a reusable prefix-cache entry).
   Kept in LRU order of reaching ref 0; a prefix-cache hit revives it.
-* **free** — ``ref_count == 0`` and unhashed; sits in the FIFO free queue.
+* **free** — ``ref_count == 0`` and unhashed; sits in the free queue.
 
 Deterministic allocation order (tests rely on it)
 -------------------------------------------------
@@ -19,10 +19,14 @@ Deterministic allocation order (tests rely on it)
 3. Only when the free queue is empty is the least-recently-freed evictable block taken; its
    hash is dropped (the cache entry is gone).
 4. When a sequence releases blocks (:meth:`free`, :meth:`truncate`, or the source of a CoW
-   copy reaching ref 0) they are visited in *reverse* table order: unhashed blocks are appended
-   to the tail of the free queue, hashed ones to the most-recent end of the LRU. Reverse order
-   makes the tail of a hash chain older than its head, so eviction eats chains from the end
-   and the surviving part stays a usable prefix.
+   copy reaching ref 0) they are visited in *reverse* table order: unhashed blocks are pushed
+   to the head of the free queue (so they come back in table order), hashed ones to the
+   most-recent end of the LRU. Reverse order makes the tail of a hash chain older than its
+   head, so eviction eats chains from the end and the surviving part stays a usable prefix.
+   Reusing the most recently freed blocks first keeps the working set in as few pool pages
+   as possible: the pool is allocated uninitialized, so a never-used block costs a page fault
+   on first write, and a recently used one is likely still in cache. (A FIFO queue walked the
+   whole pool before reusing anything: every long run touched every page.)
 
 Prefix caching
 --------------
@@ -80,7 +84,8 @@ class BlockManager:
     # Per-block state, indexed by block id.
     _ref: list[int] = field(init=False, repr=False)
     _key: list[BlockKey | None] = field(init=False, repr=False)
-    # Pools of ref-0 blocks: FIFO of unhashed ones, LRU (oldest first) of hashed ones.
+    # Pools of ref-0 blocks: unhashed ones, most recently freed first (a stack), and hashed
+    # ones in LRU order (oldest first).
     _free: deque[int] = field(init=False, repr=False)
     _evictable: OrderedDict[int, None] = field(init=False, repr=False)
     _cache: dict[BlockKey, int] = field(init=False, repr=False)
@@ -200,7 +205,7 @@ class BlockManager:
         for b in self._evictable:
             del self._cache[self._key[b]]  # type: ignore[index]
             self._key[b] = None
-            self._free.append(b)
+            self._free.appendleft(b)
         self._evictable.clear()
         self._evictions += count
         return count
@@ -497,4 +502,4 @@ class BlockManager:
             if self._key[b] is not None:
                 self._evictable[b] = None  # most-recently-freed end
             else:
-                self._free.append(b)
+                self._free.appendleft(b)  # reused first: its pages are resident and cache-warm
