@@ -12,7 +12,8 @@ measures each step's model time, and compares it with two predictions of the sam
     a lower bound, reported as "% of hardware limit" (error >= 0 unless the profile
     underestimates the machine).
 
-    python benchmarks/bench_cost_model.py [--threads 2] [--out runs/bench_cost_model.json]
+    python benchmarks/bench_cost_model.py [--threads 2] [--dtype float32|bfloat16]
+                                          [--out runs/bench_cost_model.json]
 
 error = (measured - predicted) / measured.
 """
@@ -163,6 +164,7 @@ def measure_run(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--contexts", default="128,512,1024,2048")
     ap.add_argument("--out", default="runs/bench_cost_model.json")
@@ -173,7 +175,7 @@ def main() -> None:
         f"calibrated: fp32 {hw.peak_flops_fp32 / 1e9:.0f} GFLOP/s, "
         f"bandwidth {hw.mem_bandwidth / 1e9:.1f} GB/s ({args.threads} threads)"
     )
-    llm = LLM(num_threads=args.threads, hardware=None, kv_cache_gb=6.0)
+    llm = LLM(num_threads=args.threads, hardware=None, kv_cache_gb=6.0, dtype=args.dtype)
     llm.engine.cost_meter.hardware = hw
     t0 = time.perf_counter()
     calibration = calibrate_engine(llm.engine)
@@ -215,6 +217,7 @@ def main() -> None:
             {
                 "machine": platform.processor() or platform.machine(),
                 "threads": args.threads,
+                "dtype": args.dtype,
                 "hardware": hw.to_dict(),
                 "step_model": step_model.to_dict(),
                 "calibration_steps": [
