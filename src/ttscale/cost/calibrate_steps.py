@@ -34,6 +34,7 @@ from ttscale.attention.paged import KVCache
 from ttscale.cost.hardware import local_profile_name
 from ttscale.cost.model import StepShape
 from ttscale.cost.steptime import (
+    FEATURES,
     CalibrationStep,
     FitResult,
     RowTable,
@@ -225,21 +226,22 @@ def calibrate_engine(
     finally:
         engine.reset_prefix_cache()
 
-    def linear_time(step: StepShape) -> float:
-        assert step.num_logits is not None
-        return meter.shape.layers * layer_linear(step.num_tokens) + lm_head(step.num_logits)
-
-    fit = fit_overheads(meter.shape, meter.bytes_per_value, measured, linear_time)
-    date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    model_fit = StepTimeModel(
+    # The matmul tables alone first; the fit then prices what the steps spent beyond them.
+    tables_only = StepTimeModel(
         shape=dataclasses.replace(meter.shape, name=model_name or meter.shape.name),
         dtype=meter.dtype,
         kv_bytes=meter.bytes_per_value,
         threads=torch.get_num_threads(),
         layer_linear=layer_linear,
         lm_head=lm_head,
-        coefficients=fit.coefficients,
+        coefficients=dict.fromkeys(FEATURES, 0.0),
         machine=local_profile_name(),
+    )
+    fit = fit_overheads(meter.shape, meter.bytes_per_value, measured, tables_only.linear_time)
+    date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    model_fit = dataclasses.replace(
+        tables_only,
+        coefficients=fit.coefficients,
         source=(
             f"calibrated by ttscale on {date}: {len(measured)} synthetic steps x {reps} reps, "
             f"{time.perf_counter() - t_start:.0f} s; fit median |error| "
