@@ -345,3 +345,21 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
     best = raw[0].topk(5)
     assert [t for t, _ in top] == best.indices.tolist()
     assert torch.allclose(torch.tensor(values), best.values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"logprobs": 21}, "logprobs"),
+    ],
+)
+def test_impossible_sampling_parameter_names_its_field(kwargs, field) -> None:
+    from ttscale.sampling import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match=f"invalid sampling parameter {field}=") as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field and isinstance(e.value, ValueError)

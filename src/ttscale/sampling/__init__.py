@@ -1,3 +1,3 @@
-from ttscale.sampling.params import GREEDY, SamplingParams
+from ttscale.sampling.params import GREEDY, SamplingParams, SamplingParamsError
 
-__all__ = ["GREEDY", "SamplingParams"]
+__all__ = ["GREEDY", "SamplingParams", "SamplingParamsError"]

@@ -9,6 +9,15 @@ MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 100.0
 
 
+class SamplingParamsError(ValueError):
+    """An impossible sampling parameter; `field` names it (the server maps it to the API's
+    `param`)."""
+
+    def __init__(self, field: str, value: object, why: str) -> None:
+        super().__init__(f"invalid sampling parameter {field}={value!r}: {why}")
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample the continuations of one request (the OpenAI / vLLM set).
@@ -47,8 +56,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> SamplingParamsError:
+            return SamplingParamsError(name, getattr(self, name), why)
 
         def finite(name: str) -> float:
             value = getattr(self, name)
@@ -102,4 +111,4 @@ class SamplingParams:
 # Default is greedy-free sampling at T=1, like vLLM; `GREEDY` is a convenience for tests and evals.
 GREEDY = SamplingParams(temperature=0.0)
 
-__all__ = ["GREEDY", "SamplingParams"]
+__all__ = ["GREEDY", "SamplingParams", "SamplingParamsError"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import re
 import secrets
 import time
 import uuid
@@ -29,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ttscale.engine.llm_engine import PromptTooLongError
 from ttscale.llm import LLM
-from ttscale.sampling.params import SamplingParams
+from ttscale.sampling.params import SamplingParams, SamplingParamsError
 from ttscale.server.engine_loop import EngineFailure, EngineLoop, QueueFullError, RequestHandle
 from ttscale.server.metrics import ServerMetrics
 from ttscale.server.protocol import (
@@ -130,7 +129,6 @@ _SAMPLING_FIELDS = (
     "min_tokens",
     "ignore_eos",
 )
-_BAD_PARAM = re.compile(r"invalid sampling parameter (\w+)=")
 
 
 def build_params(
@@ -140,7 +138,7 @@ def build_params(
     api_names: dict[str, str],
     max_n: int,
 ) -> SamplingParams:
-    """SamplingParams from the request; its ValueError becomes a 400 naming the API field."""
+    """SamplingParams from the request; an impossible value becomes a 400 naming its API field."""
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if body.n is not None and not 1 <= body.n <= max_n:
@@ -154,10 +152,8 @@ def build_params(
         kwargs["stop"] = body.stop
     try:
         return SamplingParams(**kwargs)
-    except ValueError as e:
-        match = _BAD_PARAM.match(str(e))
-        name = match.group(1) if match else None
-        raise APIError(400, str(e), param=api_names.get(name, name) if name else None) from None
+    except SamplingParamsError as e:
+        raise APIError(400, str(e), param=api_names.get(e.field, e.field)) from None
 
 
 def _check_prompt(ids: list[int], llm: LLM, param: str) -> None:
