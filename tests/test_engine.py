@@ -284,3 +284,34 @@ def test_forked_samples_have_their_own_text(model_dir):
     for seq in request.sequences:
         assert seq.detokenizer.text == llm.tokenizer.decode(seq.output_token_ids)
     assert_pool_full(llm)
+
+
+def test_failed_step_names_its_requests(model_dir, monkeypatch):
+    """A step that raises names the requests it was computing; aborting them frees their
+    blocks, and a request that was not in the step completes unharmed afterwards."""
+    from ttscale.engine.llm_engine import StepError
+
+    llm = make_llm(model_dir, max_num_seqs=2)
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
+    for rid in ("a", "b", "c"):  # only two fit a step: "c" waits
+        engine.add_request(rid, [5, 6, 7], greedy)
+    real_run = engine.runner.run
+
+    def broken(batch):
+        raise FloatingPointError("boom")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    with pytest.raises(StepError, match="boom") as e:
+        engine.step()
+    assert e.value.request_ids == ["a", "b"]
+    assert isinstance(e.value.__cause__, FloatingPointError)
+    monkeypatch.setattr(engine.runner, "run", real_run)
+    for rid in e.value.request_ids:
+        engine.abort(rid)
+    outputs = []
+    while engine.has_unfinished:
+        outputs += engine.step()
+    assert [o.outputs[0].token_ids for o in outputs if o.finished] == [expected]
+    assert_pool_full(llm)

@@ -29,6 +29,17 @@ class PromptTooLongError(ValueError):
     """The prompt leaves no room for a generated token in the context."""
 
 
+class StepError(RuntimeError):
+    """A step failed; `request_ids` are the requests it was computing (their state may be
+    partial: abort them). Requests outside the step are untouched. The cause is chained."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(
+            f"engine step over requests {request_ids} failed: {type(cause).__name__}: {cause}"
+        )
+        self.request_ids = request_ids
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -198,12 +209,17 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        t0 = time.perf_counter()
-        logits = self.runner.run(batch)
-        elapsed = time.perf_counter() - t0
-        self.stats["model_time"] += elapsed
-        self._charge(batch, elapsed)
-        return self._update(batch, logits)
+        try:
+            t0 = time.perf_counter()
+            logits = self.runner.run(batch)
+            elapsed = time.perf_counter() - t0
+            self.stats["model_time"] += elapsed
+            self._charge(batch, elapsed)
+            return self._update(batch, logits)
+        except Exception as e:
+            seqs = [self.sequences.get(s.seq_id) for s in batch.seqs]
+            ids = dict.fromkeys(seq.request.request_id for seq in seqs if seq is not None)
+            raise StepError(list(ids), e) from e
 
     def _charge(self, batch: SchedulerOutput, elapsed: float) -> None:
         """Prices the step and splits it over its requests by tokens computed."""

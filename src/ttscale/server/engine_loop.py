@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttscale.engine.llm_engine import LLMEngine
+from ttscale.engine.llm_engine import LLMEngine, StepError
 from ttscale.engine.outputs import RequestOutput
 from ttscale.engine.sequence import SequenceStatus
 from ttscale.sampling.params import SamplingParams
@@ -311,7 +311,10 @@ class EngineLoop:
         except Exception as e:
             logger.exception("engine step failed")
             self.num_step_failures += 1
-            self._fail(self._touched_by_step(), 500, f"engine error: {type(e).__name__}: {e}")
+            # StepError names every request of the step: clients only see the cause.
+            cause = e.__cause__ if isinstance(e, StepError) and e.__cause__ else e
+            message = f"engine error: {type(cause).__name__}: {cause}"
+            self._fail(self._touched_by_step(), 500, message)
             return True
         now = time.monotonic()
         tokens = 0
