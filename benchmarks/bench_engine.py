@@ -141,15 +141,7 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
     def run_parallel(n: int) -> dict[str, Any]:
         ids = parallel.take()
         dt, usage, samples = generate(ids, T, n=n, sample=True)
-        return {
-            "prompt_tokens": len(ids),
-            "n": n,
-            "new_tokens": n * T,
-            "wall_s": dt,
-            "e2e_tok_s": n * T / dt,
-            "distinct_samples": len({tuple(x) for x in samples}),
-            "usage": usage,
-        }
+        return {**peers.parallel_result(len(ids), n, T, dt, samples), "usage": usage}
 
     def run_prefill() -> dict[str, Any]:
         ids = prefill.take()
@@ -161,13 +153,7 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
             "usage": usage,
         }
 
-    if "single" in spec["workloads"]:
-        peers.guarded(results, "single", run_single, spec)
-    if "parallel" in spec["workloads"]:
-        for n in spec["ns"]:
-            peers.guarded(results, f"parallel_n{n}", lambda n=n: run_parallel(n), spec)
-    if "prefill" in spec["workloads"]:
-        peers.guarded(results, "prefill", run_prefill, spec)
+    peers.run_workloads(results, spec, run_single, run_parallel, run_prefill)
     return results
 
 

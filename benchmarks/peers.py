@@ -333,6 +333,37 @@ def wait_for_quiet(max_wait_s: float, window_s: float = 2.0) -> float:
             return waited
 
 
+def run_workloads(
+    results: dict[str, Any],
+    spec: dict[str, Any],
+    run_single: Callable[[], dict[str, Any]],
+    run_parallel: Callable[[int], dict[str, Any]],
+    run_prefill: Callable[[], dict[str, Any]],
+) -> None:
+    """Runs the workloads `spec` asks for, each under `guarded`, into `results`."""
+    if "single" in spec["workloads"]:
+        guarded(results, "single", run_single, spec)
+    if "parallel" in spec["workloads"]:
+        for n in spec["ns"]:
+            guarded(results, f"parallel_n{n}", lambda n=n: run_parallel(n), spec)
+    if "prefill" in spec["workloads"]:
+        guarded(results, "prefill", run_prefill, spec)
+
+
+def parallel_result(
+    prompt_tokens: int, n: int, new_tokens: int, wall_s: float, samples: list[list[int]]
+) -> dict[str, Any]:
+    """The fields every engine reports for a parallel-sampling run of n x new_tokens."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "n": n,
+        "new_tokens": n * new_tokens,
+        "wall_s": wall_s,
+        "e2e_tok_s": n * new_tokens / wall_s,
+        "distinct_samples": len({tuple(x) for x in samples}),
+    }
+
+
 def guarded(
     results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], spec: dict[str, Any]
 ) -> None:
@@ -513,12 +544,7 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         ids = parallel.take()
         dt, new = generate(ids, T, n=n, sample=True)
         return {
-            "prompt_tokens": len(ids),
-            "n": n,
-            "new_tokens": n * T,
-            "wall_s": dt,
-            "e2e_tok_s": n * T / dt,
-            "distinct_samples": len({tuple(x) for x in new}),
+            **parallel_result(len(ids), n, T, dt, new),
             "note": "num_return_sequences re-prefills the prompt n times",
         }
 
@@ -527,13 +553,7 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         dt, _ = generate(ids, 1)
         return {"prompt_tokens": len(ids), "wall_s": dt, "prefill_tok_s": len(ids) / dt}
 
-    if "single" in spec["workloads"]:
-        guarded(results, "single", run_single, spec)
-    if "parallel" in spec["workloads"]:
-        for n in spec["ns"]:
-            guarded(results, f"parallel_n{n}", lambda n=n: run_parallel(n), spec)
-    if "prefill" in spec["workloads"]:
-        guarded(results, "prefill", run_prefill, spec)
+    run_workloads(results, spec, run_single, run_parallel, run_prefill)
     return results
 
 
@@ -770,12 +790,6 @@ def run_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
     L.llama_batch_free(batch)
     lc.free_context(ctx)
 
-    if "single" in spec["workloads"]:
-        guarded(results, "single", run_single, spec)
-    if "parallel" in spec["workloads"]:
-        for n in spec["ns"]:
-            guarded(results, f"parallel_n{n}", lambda n=n: run_parallel(n), spec)
-    if "prefill" in spec["workloads"]:
-        guarded(results, "prefill", run_prefill, spec)
+    run_workloads(results, spec, run_single, run_parallel, run_prefill)
     lc.close()
     return results
