@@ -111,7 +111,10 @@ def pilot_time_model(pilot: Pilot, hardware: str | None = None) -> TimeModel:
     if hardware is None:
         return TokenTimeModel.fit(pilot)
     if pilot.model_shape is None:
-        raise ValueError("the pilot did not record the model's shape")
+        raise ValueError(
+            "the pilot did not record the model's shape (it predates ttscale recording it): "
+            "rerun the pilot, or plan without --hardware to use its measured seconds per token"
+        )
     return analytic_time_model(pilot.model_shape, hardware, pilot.block_size)
 
 
