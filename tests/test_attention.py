@@ -117,3 +117,29 @@ def test_padding_never_reads_uninitialized_slots():
     fast = PagedAttention(caches[1], meta, D**-0.5, None)(0, q, k, v)
     assert torch.isfinite(fast).all()
     assert (ref - fast).abs().max() < 1e-5
+
+
+def test_long_contexts_take_the_flash_path(decode_path, monkeypatch):
+    """Passes over >= FLASH_MIN_KEYS keys: the fused path runs the flash kernel for both the
+    shared prefix and the private suffixes (and still matches the reference); the matmul path
+    never calls it."""
+    from ttscale.attention import paged
+
+    calls = []
+    real = paged._CPU_FLASH
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[-2])  # keys in the pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(paged, "_CPU_FLASH", counting)
+    shared = list(range(13))  # 52 shared keys
+    tables = [[*shared, 20, 21], [*shared, 22, 23], [*shared, 24, 25], list(range(30, 46))]
+    (ref, fast), attn = run_both(tables, [57, 58, 56, 60], [1, 1, 1, 1])
+    assert (ref - fast).abs().max() < 1e-5
+    assert len(attn.groups) == 1
+    if decode_path:
+        assert attn.suffix_width >= PagedAttention.FLASH_MIN_KEYS  # the single's 60 keys
+        assert sorted(calls) == [52, 60]  # the group's prefix, then the padded suffixes
+    else:
+        assert calls == []

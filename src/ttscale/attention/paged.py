@@ -283,8 +283,10 @@ class PagedAttention(_PagedAttentionBase):
         return pool.index_select(0, slots)
 
     # Below this many keys, many tiny (batch, head) problems run faster as batched matmuls
-    # than through the flash kernel's per-problem set-up (64 rows x 16 keys: 189 vs 345 us;
-    # from 64 keys on flash wins, 6x at 512). Measured on the 2-core AVX-512 dev VM.
+    # than through the flash kernel's per-problem set-up. Measured on the 2-core AVX-512 dev
+    # VM: 64 rows x 16 keys 189 vs 345 us (matmul wins); x 64 keys 554 vs 526 us (even);
+    # from 128 keys flash wins (2x at 256, 6x at 512). 48 sits between the last two points
+    # measured, where the two are about even.
     FLASH_MIN_KEYS = 48
 
     def _attend(
