@@ -315,3 +315,9 @@ def test_failed_step_names_its_requests(model_dir, monkeypatch):
         outputs += engine.step()
     assert [o.outputs[0].token_ids for o in outputs if o.finished] == [expected]
     assert_pool_full(llm)
+
+
+def test_fork_of_unknown_sequence_is_a_clear_error(model_dir):
+    llm = make_llm(model_dir)
+    with pytest.raises(ValueError, match="cannot fork sequence 12345"):
+        llm.engine.fork(12345, 2)

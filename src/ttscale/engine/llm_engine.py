@@ -132,7 +132,9 @@ class LLMEngine:
         their own stop strings (how step-level search advances one reasoning step). Each
         child's RNG is seeded by (seed, its index in the request), so runs are reproducible.
         """
-        parent = self.sequences[seq_id]
+        parent = self.sequences.get(seq_id)
+        if parent is None:
+            raise ValueError(f"cannot fork sequence {seq_id}: no such sequence (released?)")
         request = parent.request
         if params is not None and params.n != 1:
             raise ValueError("a fork's params must have n=1 (the fork count is the argument)")

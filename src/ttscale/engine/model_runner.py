@@ -66,7 +66,11 @@ class ModelRunner:
                 budget = min(budget, config.kv_cache_max_gb_default * 2**30)
         self.num_blocks = int(budget // block_bytes)
         if self.num_blocks < 2:
-            raise ValueError(f"KV cache budget {budget / 2**30:.3f} GiB holds < 2 blocks")
+            raise ValueError(
+                f"KV cache budget {budget / 2**30:.3f} GiB holds {self.num_blocks} blocks of "
+                f"{block_bytes} bytes; at least 2 are needed: raise kv_cache_gb (or "
+                "kv_cache_memory_fraction)"
+            )
         self.kv_cache = KVCache(
             mc.num_hidden_layers,
             self.num_blocks,
