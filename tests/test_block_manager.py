@@ -13,7 +13,8 @@ from collections.abc import Hashable
 
 import pytest
 
-from ttscale.engine.block_manager import BlockManager, NoFreeBlocksError
+from ttscale.engine.block_manager import BlockManager
+from ttscale.errors import NoFreeBlocksError
 
 
 def toks(n: int, start: int = 100) -> list[int]:

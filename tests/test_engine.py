@@ -289,7 +289,7 @@ def test_forked_samples_have_their_own_text(model_dir):
 def test_failed_step_names_its_requests(model_dir, monkeypatch):
     """A step that raises names the requests it was computing; aborting them frees their
     blocks, and a request that was not in the step completes unharmed afterwards."""
-    from ttscale.engine.llm_engine import StepError
+    from ttscale.errors import StepError
 
     llm = make_llm(model_dir, max_num_seqs=2)
     engine = llm.engine

@@ -53,14 +53,12 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+from ttscale.errors import NoFreeBlocksError
+
 __all__ = ["BlockManager", "NoFreeBlocksError"]
 
 # Key of one full block in the prefix cache: (parent block hash, extra key, block tokens).
 BlockKey = tuple[int | None, Hashable, tuple[int, ...]]
-
-
-class NoFreeBlocksError(RuntimeError):
-    """Not enough allocatable blocks (free + evictable) for the request; nothing was changed."""
 
 
 @dataclass

@@ -19,25 +19,11 @@ from ttscale.engine.model_runner import CacheConfig, ModelRunner
 from ttscale.engine.outputs import CompletionOutput, RequestOutput, Usage
 from ttscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ttscale.engine.sequence import Request, Sequence, SequenceStatus
+from ttscale.errors import PromptTooLongError, StepError
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
 from ttscale.tokenizer import Tokenizer
-
-
-class PromptTooLongError(ValueError):
-    """The prompt leaves no room for a generated token in the context."""
-
-
-class StepError(RuntimeError):
-    """A step failed; `request_ids` are the requests it was computing (their state may be
-    partial: abort them). Requests outside the step are untouched. The cause is chained."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(
-            f"engine step over requests {request_ids} failed: {type(cause).__name__}: {cause}"
-        )
-        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -204,6 +190,47 @@ class LLMEngine:
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    # ---- read-only views (all that code outside engine/ may know of its internals) -------
+
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
+    @property
+    def model_config(self):
+        return self.model.config
+
+    def held_blocks(self, seq_id: int) -> frozenset[int]:
+        """KV block ids the sequence holds now (shared ones included); empty if it holds none."""
+        bm = self.block_manager
+        return frozenset(bm.block_table(seq_id)) if bm.has_seq(seq_id) else frozenset()
+
+    def running_request_ids(self) -> set[str]:
+        return {s.request.request_id for s in self.scheduler.running}
+
+    def holds_kv(self, request_id: str) -> bool:
+        """Whether any sequence of the request holds KV blocks (a failed step may have
+        written them)."""
+        request = self.requests.get(request_id)
+        return request is not None and any(
+            self.block_manager.has_seq(s.seq_id) for s in request.sequences
+        )
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError if the KV bookkeeping is inconsistent."""
+        self.block_manager.check_integrity()
+
+    def kv_stats(self) -> dict[str, int | float]:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_used_blocks": bm.num_used_blocks,
+            "block_size": bm.block_size,
+            "prefix_hit_rate": bm.stats()["prefix_hit_rate"],
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
 
     # ---- the step -----------------------------------------------------------------------
 

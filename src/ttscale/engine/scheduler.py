@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ttscale.engine.block_manager import BlockManager, NoFreeBlocksError
+from ttscale.engine.block_manager import BlockManager
 from ttscale.engine.sequence import Sequence, SequenceStatus
+from ttscale.errors import NoFreeBlocksError
 
 
 @dataclass(frozen=True)

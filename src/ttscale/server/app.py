@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ttscale.engine.llm_engine import PromptTooLongError
+from ttscale.errors import PromptTooLongError
 from ttscale.llm import LLM
 from ttscale.sampling.params import SamplingParams, SamplingParamsError
 from ttscale.server.engine_loop import EngineFailure, EngineLoop, QueueFullError, RequestHandle

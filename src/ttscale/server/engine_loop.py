@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttscale.engine.llm_engine import LLMEngine, StepError
+from ttscale.engine.llm_engine import LLMEngine
 from ttscale.engine.outputs import RequestOutput
 from ttscale.engine.sequence import SequenceStatus
+from ttscale.errors import StepError
 from ttscale.sampling.params import SamplingParams
 from ttscale.server.metrics import ServerMetrics
 
