@@ -18,9 +18,9 @@ from ttscale.eval.metrics import (
 # strategies; loading the harness here eagerly would make that a cycle (and pull in torch).
 _EXPORTS = {
     "run_eval": "harness",
-    "load_records": "harness",
-    "summarize_records": "harness",
-    "SettingsMismatch": "harness",
+    "load_records": "store",
+    "summarize_records": "summary",
+    "SettingsMismatch": "store",
     "pareto_plot": "report",
     "pareto_frontier": "report",
     "print_summary": "report",

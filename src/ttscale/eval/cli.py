@@ -134,7 +134,7 @@ def eval_cmd(
 
 
 def _result_json(result: Any) -> dict[str, Any]:
-    from ttscale.eval.harness import finite_or_none, jsonable, stats_fields
+    from ttscale.eval.store import finite_or_none, jsonable, stats_fields
 
     return {
         "strategy": result.strategy,

@@ -9,8 +9,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ttscale.eval.harness import k_values
 from ttscale.eval.metrics import pass_at_k
+from ttscale.eval.summary import k_values
 from ttscale.plan.costs import TimeModel
 from ttscale.plan.curves import (
     Candidate,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ttscale.eval.harness import jsonable, task_identity
+from ttscale.eval.store import jsonable, task_identity
 from ttscale.sampling.params import SamplingParams
 from ttscale.strategies import make_strategy
 
@@ -247,7 +247,7 @@ def pilot(
         scorer=scorer,
         concurrency=concurrency,
         model_shape=engine.cost_meter.shape.to_dict(),
-        block_size=engine.block_manager.block_size,
+        block_size=engine.block_size,
         wall_seconds=time.perf_counter() - t0,
     )
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttscale.eval.harness import jsonable
 from ttscale.eval.metrics import pass_at_k
+from ttscale.eval.store import jsonable
 from ttscale.plan.bins import (
     BinPlan,
     Option,

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ttscale.eval.harness import jsonable
 from ttscale.eval.metrics import majority_vote, wilson_interval
+from ttscale.eval.store import jsonable
 from ttscale.plan.costs import TimeModel, plan_time_model
 from ttscale.plan.pilot_run import run_wave
 from ttscale.plan.probe import agreement

@@ -53,7 +53,8 @@ def serve(
     from ttscale.llm import LLM
     from ttscale.loader.default_model import DEFAULT_MODEL_NAME
     from ttscale.loader.errors import ModelLoadError
-    from ttscale.server.app import ServerConfig, create_app, model_names
+    from ttscale.server.app import create_app
+    from ttscale.server.config import ServerConfig, model_names
 
     if not _is_loopback(host) and not api_key:
         err.print(f"[yellow]warning:[/yellow] serving on {host} without --api-key")

@@ -373,18 +373,12 @@ class EngineLoop:
 
         Requests still purely waiting (no blocks) were not touched and keep their place.
         """
-        running = {s.request.request_id for s in self.engine.scheduler.running}
-        bm = self.engine.block_manager
-        touched = []
-        for rid in self._tracked:
-            request = self.engine.requests.get(rid)
-            if (
-                request is None
-                or rid in running
-                or any(bm.has_seq(s.seq_id) for s in request.sequences)
-            ):
-                touched.append(rid)
-        return touched
+        running = self.engine.running_request_ids()
+        return [
+            rid
+            for rid in self._tracked
+            if rid not in self.engine.requests or rid in running or self.engine.holds_kv(rid)
+        ]
 
     def _fail(self, request_ids: list[str], status: int, message: str) -> None:
         for rid in request_ids:
@@ -401,7 +395,7 @@ class EngineLoop:
                 self.metrics.requests_finished.labels("error").inc()
         if status >= 500 and request_ids:
             try:
-                self.engine.block_manager.check_integrity()
+                self.engine.check_integrity()
             except Exception:
                 logger.exception("KV block pool inconsistent after a failed step")
 
@@ -410,16 +404,15 @@ class EngineLoop:
             self._num_waiting -= 1
 
     def _publish(self) -> None:
-        bm = self.engine.block_manager
-        running = {s.request.request_id for s in self.engine.scheduler.running}
+        kv = self.engine.kv_stats()
         snapshot = {
-            "requests_running": len(running),
+            "requests_running": len(self.engine.running_request_ids()),
             "requests_waiting": self._num_waiting,
             "requests_in_engine": len(self.engine.requests),
-            "kv_blocks_used": bm.num_used_blocks,
-            "kv_blocks_free": bm.num_free_blocks,
-            "kv_blocks_total": bm.num_blocks,
-            "prefix_cache_hit_rate": bm.stats()["prefix_hit_rate"],
+            "kv_blocks_used": kv["num_used_blocks"],
+            "kv_blocks_free": kv["num_free_blocks"],
+            "kv_blocks_total": kv["num_blocks"],
+            "prefix_cache_hit_rate": kv["prefix_hit_rate"],
         }
         self.snapshot = snapshot  # one reference swap: readers see a whole snapshot
         if self.metrics:

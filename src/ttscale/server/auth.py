@@ -1,0 +1,38 @@
+"""API-key authentication, as plain ASGI middleware."""
+
+from __future__ import annotations
+
+import secrets
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ttscale.server.errors import APIError
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on every path but /health (plain ASGI, so it runs
+    before body parsing and leaves streaming untouched)."""
+
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                reply = APIError(
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await reply.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+__all__ = ["APIKeyMiddleware"]

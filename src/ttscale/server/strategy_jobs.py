@@ -1,0 +1,103 @@
+"""The `ttscale` extension of the completion endpoints: a test-time-scaling strategy run as a
+job on the engine thread, answered as an ordinary completion plus a `ttscale` field."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ttscale.server.engine_loop import EngineFailure
+from ttscale.server.errors import APIError
+from ttscale.server.protocol import TTScaleOptions
+from ttscale.server.validation import Job
+
+
+async def run_strategy_request(
+    app: FastAPI, job: Job, options: TTScaleOptions, request: Request
+) -> Response:
+    """TTS extension: `"ttscale": {"strategy": "majority@16", "scorer": "logprob"}`.
+
+    The strategy runs as a job on the engine thread (its branches batch with other requests).
+    The reply is an ordinary completion whose message is the chosen answer's text, plus a
+    `ttscale` field with the candidates, votes / scores and the run's cost. Streaming is not
+    offered: the answer is known only when the search ends.
+    """
+    from ttscale.scorers import load_scorer
+    from ttscale.strategies import Query, Session, make_strategy
+    from ttscale.tasks.answers import extract_answer
+
+    if job.stream:
+        raise APIError(400, "stream is not supported with a ttscale strategy", param="stream")
+    extras = options.model_extra or {}
+    try:
+        strategy = make_strategy(options.strategy)
+    except ValueError as e:
+        raise APIError(400, str(e), param="ttscale.strategy") from None
+    scorer = None
+    if strategy.needs_scorer:
+        spec = extras.get("scorer", "logprob")
+        if spec not in ("logprob", "judge"):  # no loading of arbitrary files from requests
+            raise APIError(400, "ttscale.scorer must be logprob or judge", "ttscale.scorer")
+        scorer = load_scorer(spec)
+    llm = app.state.llm
+    question = job.prompt or llm.tokenizer.decode(job.token_ids)
+    query = Query(
+        question=question,
+        prompt_token_ids=job.token_ids,
+        extract=extract_answer,
+        params=dataclasses.replace(job.params, n=1),
+        scorer=scorer,
+    )
+
+    def solve():
+        session = Session(llm.engine, job.token_ids, tag="tts")
+        try:
+            return (yield from strategy.solve(session, query))
+        finally:
+            session.close()  # frees every branch even if the strategy failed
+
+    try:
+        result = await asyncio.wrap_future(app.state.engine_loop.run_job(solve()))
+    except EngineFailure as e:
+        raise APIError(e.status, str(e), type="server_error") from None
+    return JSONResponse(_strategy_reply(job, result))
+
+
+def _strategy_reply(job: Job, result) -> dict[str, Any]:
+    stats = result.stats
+    body: dict[str, Any] = {
+        "id": f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-tts-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion" if job.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "usage": {
+            "prompt_tokens": len(job.token_ids),
+            "completion_tokens": stats.generated_tokens,
+            "total_tokens": len(job.token_ids) + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
+        },
+        "ttscale": {
+            "strategy": result.strategy,
+            "answer": result.answer,
+            "votes": result.votes,
+            "candidates": [dataclasses.asdict(c) for c in result.candidates],
+            "cost": dataclasses.asdict(stats),
+            "extra": {k: v for k, v in result.extra.items() if isinstance(v, (int, float, list))},
+        },
+    }
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+    if job.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    body["choices"] = [choice]
+    return body
+
+
+__all__ = ["run_strategy_request"]
