@@ -236,7 +236,7 @@ def test_cost_of_shared_prefix_is_charged_once(model_dir):
     engine.step()  # prefill
     engine.step()  # first decode step of the 64 samples
     # Each sample attends to 22 tokens; 20 of them are in the 5 shared full blocks.
-    step = engine.runner.last_step
+    step = engine.last_step
     assert step.kv_tokens_read == 20 + 64 * 2
     assert (step.kv_tokens_shared, step.shared_groups) == (20, 1)
     while engine.has_unfinished:
@@ -297,17 +297,17 @@ def test_failed_step_names_its_requests(model_dir, monkeypatch):
     expected = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
     for rid in ("a", "b", "c"):  # only two fit a step: "c" waits
         engine.add_request(rid, [5, 6, 7], greedy)
-    real_run = engine.runner.run
+    real_execute = engine.executor.execute
 
     def broken(batch):
         raise FloatingPointError("boom")
 
-    monkeypatch.setattr(engine.runner, "run", broken)
+    monkeypatch.setattr(engine.executor, "execute", broken)
     with pytest.raises(StepError, match="boom") as e:
         engine.step()
     assert e.value.request_ids == ["a", "b"]
     assert isinstance(e.value.__cause__, FloatingPointError)
-    monkeypatch.setattr(engine.runner, "run", real_run)
+    monkeypatch.setattr(engine.executor, "execute", real_execute)
     for rid in e.value.request_ids:
         engine.abort(rid)
     outputs = []

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from tests.conftest import ARCH_CONFIGS, make_tiny_model
-from ttscale.attention.paged import (
-    AttentionMetadata,
-    KVCache,
-    PagedAttention,
-    ReferencePagedAttention,
-)
+from ttscale.attention.metadata import AttentionMetadata
+from ttscale.attention.paged import PagedAttention
+from ttscale.attention.reference import ReferencePagedAttention
+from ttscale.kvcache import KVCache
 from ttscale.loader import load_checkpoint
 from ttscale.models.config import ModelConfig
 from ttscale.models.registry import build_model
@@ -53,8 +51,7 @@ class PagedRunner:
             ctx.append(self.lens[i])
             tables.append(self.tables[i])
         meta = AttentionMetadata(torch.tensor(slots), qlens, ctx, tables, BLOCK)
-        c = self.model.config
-        attn = self.backend(self.cache, meta, c.head_dim**-0.5, c.sliding_window)
+        attn = self.backend(self.cache, meta, self.model.attention_specs)
         hidden = self.model(torch.tensor(ids), torch.tensor(pos), attn)
         out, start = [], 0
         for n in qlens:

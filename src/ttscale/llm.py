@@ -13,9 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ttscale.engine.llm_engine import LLMEngine
-from ttscale.engine.model_runner import CacheConfig
 from ttscale.engine.outputs import RequestOutput
 from ttscale.engine.scheduler import SchedulerConfig
+from ttscale.kvcache import CacheConfig
 from ttscale.loader import load_checkpoint
 from ttscale.models.config import ModelConfig
 from ttscale.models.registry import build_model

@@ -9,21 +9,35 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
+from typing import Protocol
 
 import torch
 
 from ttscale.cost.hardware import Hardware
+from ttscale.cost.meter import CostMeter
+from ttscale.cost.shapes import StepShape
 from ttscale.engine.block_manager import BlockManager
-from ttscale.engine.cost_meter import CostMeter
-from ttscale.engine.model_runner import CacheConfig, ModelRunner
+from ttscale.engine.executor import Executor, StepResult
+from ttscale.engine.model_runner import ModelRunner
 from ttscale.engine.outputs import CompletionOutput, RequestOutput, Usage
 from ttscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ttscale.engine.sequence import Request, Sequence, SequenceStatus
 from ttscale.errors import PromptTooLongError, StepError
+from ttscale.kvcache import CacheConfig
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
 from ttscale.tokenizer import Tokenizer
+
+
+class Proposer(Protocol):
+    """Proposes speculative tokens for a decoding sequence (a draft model, n-gram lookup,
+    ...). The engine verifies them all in the sequence's next step and keeps the longest
+    prefix the model itself would have sampled."""
+
+    def propose(self, seq_id: int, token_ids: Seq[int]) -> list[int]:
+        """Up to k tokens that may follow `token_ids` (prompt + generated so far)."""
+        ...
 
 
 class LLMEngine:
@@ -36,26 +50,38 @@ class LLMEngine:
         device: torch.device | str = "cpu",
         max_model_len: int | None = None,
         hardware: Hardware | None = None,
+        executor: Executor | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.device = torch.device(device)
-        self.runner = ModelRunner(model, cache_config, self.device)
+        self.executor: Executor = executor or ModelRunner(model, cache_config, self.device)
+        self.proposer = proposer
         self.block_manager = BlockManager(
-            self.runner.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            self.executor.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
         dtype = next(model.parameters()).dtype
         self.cost_meter = CostMeter(model.config, dtype, hardware)
         # A sequence longer than the pool could never run, even alone: cap it.
-        pool_tokens = self.runner.num_blocks * cache_config.block_size
+        pool_tokens = self.executor.num_blocks * cache_config.block_size
         limit = min(max_model_len or model.config.max_position_embeddings, pool_tokens)
         self.max_model_len = limit
         self.requests: dict[str, Request] = {}
         self.sequences: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "model_time": 0.0}
+        self.stats = {
+            "steps": 0,
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "model_time": 0.0,
+            "draft_tokens": 0,
+            "accepted_draft_tokens": 0,
+        }
+        # What the last step computed and read (the executor's StepShape), for the cost model.
+        self.last_step: StepShape | None = None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -94,6 +120,59 @@ class LLMEngine:
                 f"{self.max_model_len} (prompt plus at least one generated token)"
             )
         return ids
+
+    def add_embed_request(
+        self,
+        request_id: str,
+        token_ids: Seq[int],
+        layers: Seq[int],
+        start: int = 0,
+    ) -> Request:
+        """Queues a request that computes `token_ids` without sampling and keeps the hidden
+        states of positions >= `start` at `layers` (0 = embeddings ... num_layers = after the
+        final norm); read `request.sequences[0].hidden_states` once it has finished.
+        Positions before `start` may come from the prefix cache."""
+        ids = self.validate_prompt(token_ids)
+        seq_layers = self._check_layers(layers)
+        if not 0 <= start < len(ids):
+            raise ValueError(f"start must be in [0, {len(ids)}), not {start}")
+        request = self.add_request(request_id, ids, SamplingParams(temperature=0, max_tokens=1))
+        seq = request.sequences[0]
+        seq.embed_layers, seq.embed_start = seq_layers, start
+        return request
+
+    def fork_embed(self, seq_id: int, layers: Seq[int], recompute: int = 1) -> Sequence:
+        """A child of a finished, retained sequence that recomputes its last `recompute`
+        tokens over the shared KV (the very last token was sampled, never computed) and keeps
+        their hidden states at `layers`: scoring a candidate costs `recompute` tokens, not a
+        second pass over it. Drop the child when done."""
+        parent = self.sequences.get(seq_id)
+        if parent is None or not self.block_manager.has_seq(seq_id):
+            raise ValueError(f"cannot embed sequence {seq_id}: it holds no KV (retain it)")
+        if parent.status is not SequenceStatus.FINISHED:
+            raise ValueError(f"cannot embed sequence {seq_id}: it has not finished")
+        start = parent.num_tokens - recompute
+        if recompute < 1 or not 0 <= start <= self.block_manager.num_tokens(seq_id):
+            raise ValueError(f"recompute must be in [1, {parent.num_tokens}], not {recompute}")
+        seq_layers = self._check_layers(layers)
+        child = parent.clone(next(self._seq_ids), len(parent.request.sequences), None)
+        child.embed_layers, child.embed_start = seq_layers, start
+        child.finish_reason = child.stop_reason = None
+        parent.request.sequences.append(child)
+        self.sequences[child.seq_id] = child
+        self.block_manager.fork(seq_id, [child.seq_id])
+        self.block_manager.truncate(child.seq_id, start)
+        child.num_computed_tokens = start
+        child.status = SequenceStatus.RUNNING
+        self.scheduler.add_running(child)
+        return child
+
+    def _check_layers(self, layers: Seq[int]) -> tuple[int, ...]:
+        top = self.model.config.num_hidden_layers
+        out = tuple(int(x) for x in layers)
+        if not out or any(not 0 <= x <= top for x in out):
+            raise ValueError(f"hidden-state layers must be in [0, {top}], not {list(layers)}")
+        return out
 
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         params = request.params
@@ -235,33 +314,71 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> execute -> update: advances every scheduled sequence."""
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
+        self._drop_unscheduled_drafts(batch)
         if not batch.seqs:
             return []
         try:
             t0 = time.perf_counter()
-            logits = self.runner.run(batch)
+            result = self.executor.execute(batch)
             elapsed = time.perf_counter() - t0
             self.stats["model_time"] += elapsed
-            self._charge(batch, elapsed)
-            return self._update(batch, logits)
+            self.last_step = result.shape
+            self._charge(batch, result.shape, elapsed)
+            return self._update(batch, result)
         except Exception as e:
             seqs = [self.sequences.get(s.seq_id) for s in batch.seqs]
             ids = dict.fromkeys(seq.request.request_id for seq in seqs if seq is not None)
             raise StepError(list(ids), e) from e
 
-    def _charge(self, batch: SchedulerOutput, elapsed: float) -> None:
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # ---- speculative tokens ---------------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Appends the proposer's tokens to every decoding sequence, within its limits."""
+        assert self.proposer is not None
+        for seq in self.scheduler.running:
+            if seq.embed_layers is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            room = min(
+                seq.params.max_tokens - seq.num_step_tokens,
+                self.max_model_len - seq.num_tokens,
+            )
+            if room <= 0:
+                continue
+            drafts = list(self.proposer.propose(seq.seq_id, seq.token_ids))[:room]
+            seq.token_ids += drafts
+            seq.num_draft_tokens = len(drafts)
+            self.stats["draft_tokens"] += len(drafts)
+
+    def _drop_unscheduled_drafts(self, batch: SchedulerOutput) -> None:
+        scheduled = {s.seq_id for s in batch.seqs}
+        for seq in self.scheduler.running + list(self.scheduler.waiting):
+            if seq.num_draft_tokens and seq.seq_id not in scheduled:
+                seq.drop_drafts()
+
+    # ---- update ---------------------------------------------------------------------------
+
+    def _charge(self, batch: SchedulerOutput, shape: StepShape, elapsed: float) -> None:
         """Prices the step and splits it over its requests by tokens computed."""
-        assert self.runner.last_step is not None  # set by the run that just finished
-        _, run = self.cost_meter.price(self.runner.last_step, elapsed)
+        _, run = self.cost_meter.price(shape, elapsed)
         total = batch.num_tokens
         for s in batch.seqs:
             request = self.sequences[s.seq_id].request
             request.cost.add(CostMeter.share(run, len(s.token_ids) / total))
 
-    def _update(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _update(self, batch: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self.stats["steps"] += 1
-        to_sample: list[Sequence] = []
+        logits = result.logits
+        # (seq, index of its first logits row); drafts carry 1 + k rows, others one.
+        to_sample: list[tuple[Sequence, int]] = []
+        touched: dict[str, Request] = {}
+        logit_row = hidden_row = 0
         for s in batch.seqs:
             seq = self.sequences[s.seq_id]
             n = len(s.token_ids)
@@ -271,29 +388,55 @@ class LLMEngine:
                 self.stats["prefill_tokens"] += n
             else:
                 self.stats["decode_tokens"] += n
-            self.block_manager.commit_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            if s.sample:
-                to_sample.append(seq)
+            if s.return_hidden:
+                assert result.hidden is not None
+                rows = result.hidden[hidden_row : hidden_row + n]
+                hidden_row += n
+                skip = max(0, seq.embed_start - s.start_pos)  # cached/earlier positions
+                seq.hidden_parts.append(rows[skip:])
+            if not seq.num_draft_tokens:
+                self.block_manager.commit_computed(
+                    seq.seq_id, seq.token_ids, seq.num_computed_tokens
+                )
+            if seq.embed_layers is not None and seq.num_computed_tokens == seq.num_tokens:
+                self._finish(seq, "embedded")
+                touched[seq.request.request_id] = seq.request
+            elif s.num_logits:
+                to_sample.append((seq, logit_row))
+            logit_row += s.num_logits
 
         # Parallel sampling: the prompt was prefilled once; now fork it into n samples that
         # share its blocks, and draw each sample's first token from the same logits row.
-        rows: list[Sequence] = []
+        # A sequence with k drafts gets k + 1 rows, each sampled with the context it verifies.
+        rows: list[SamplingRow] = []
+        owners: list[tuple[Sequence, int]] = []  # (sequence, its first row in `rows`)
         row_logits: list[int] = []
-        for i, seq in enumerate(to_sample):
+        for seq, first in to_sample:
+            if seq.num_draft_tokens:
+                owners.append((seq, len(rows)))
+                base = seq.num_tokens - seq.num_draft_tokens
+                for j in range(seq.num_draft_tokens + 1):
+                    rows.append(self._sampling_row(seq, context_len=base + j))
+                    row_logits.append(first + j)
+                continue
             family = [seq]
             if not seq.request.forked:
                 seq.request.forked = True
                 family += self.fork(seq.seq_id, seq.request.params.n - 1)
-            rows += family
-            row_logits += [i] * len(family)
-        if len(row_logits) != len(to_sample):
+            for member in family:
+                owners.append((member, len(rows)))
+                rows.append(self._sampling_row(member))
+                row_logits.append(first)
+        if row_logits != list(range(logits.shape[0])):
             logits = logits[torch.tensor(row_logits, device=logits.device)]
 
-        touched: dict[str, Request] = {}
         if rows:
-            result = self.sampler(logits, [self._sampling_row(seq) for seq in rows])
-            for i, seq in enumerate(rows):
-                self._append_token(seq, result, i)
+            sampled = self.sampler(logits, rows)
+            for seq, i in owners:
+                if seq.num_draft_tokens:
+                    self._accept_drafts(seq, sampled, i)
+                else:
+                    self._append_token(seq, sampled, i)
                 touched[seq.request.request_id] = seq.request
         for request in touched.values():
             # Distinct blocks: a prompt shared by n samples is held once.
@@ -308,14 +451,44 @@ class LLMEngine:
                 self.release(request.request_id)
         return outputs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _accept_drafts(self, seq: Sequence, sampled, first: int) -> None:
+        """Keeps the drafts the model itself sampled, then its own next token; rolls the KV
+        back past the first mismatch. With a deterministic proposer this is exact
+        speculative sampling: a draft x is kept with probability p(x), and on a mismatch the
+        token drawn is distributed as p without x, renormalized."""
+        k = seq.num_draft_tokens
+        drafts = seq.token_ids[-k:]
+        seq.drop_drafts()
+        accepted = 0
+        while accepted < k and sampled.token_ids[first + accepted] == drafts[accepted]:
+            accepted += 1
+        self.stats["accepted_draft_tokens"] += accepted
+        # KV is valid for the last accepted token's predecessors: keep exactly those.
+        keep = seq.num_tokens + accepted
+        seq.num_computed_tokens = keep
+        self.block_manager.truncate(seq.seq_id, keep)
+        for j in range(accepted + 1):
+            self._append_token(seq, sampled, first + j)
+            if seq.status is SequenceStatus.FINISHED:
+                break
+        if self.block_manager.has_seq(seq.seq_id):
+            # A stop inside the accepted run leaves fewer tokens than computed KV.
+            computed = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            if computed < seq.num_computed_tokens:
+                self.block_manager.truncate(seq.seq_id, computed)
+                seq.num_computed_tokens = computed
+            self.block_manager.commit_computed(seq.seq_id, seq.token_ids, computed)
+
+    def _sampling_row(self, seq: Sequence, context_len: int | None = None) -> SamplingRow:
+        """The row that samples the token after `token_ids[:context_len]` (default: all)."""
+        end = seq.num_tokens if context_len is None else context_len
         return SamplingRow(
             params=seq.params,
             generator=seq.generator,
             prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
+            output_token_ids=seq.token_ids[seq.num_prompt_tokens : end],
             eos_token_ids=self.tokenizer.eos_token_ids,
-            step_tokens=seq.num_step_tokens,
+            step_tokens=end - seq.step_start,
         )
 
     def _append_token(self, seq: Sequence, result, i: int) -> None:

@@ -37,7 +37,14 @@ class ScheduledSeq:
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
-    sample: bool  # the step ends at the sequence's last token: produce its logits
+    # Logits of the last num_logits rows: 0 mid-prefill, 1 when the chunk ends at the
+    # sequence's last token, 1 + k when the chunk carries k speculative tokens to verify.
+    num_logits: int = 1
+    return_hidden: bool = False  # hidden states of every row (SchedulerOutput.hidden_layers)
+
+    @property
+    def sample(self) -> bool:
+        return self.num_logits > 0
 
 
 @dataclass
@@ -45,6 +52,7 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write src->dst
     preempted: list[int] = field(default_factory=list)
+    hidden_layers: tuple[int, ...] = ()  # union of the embedding sequences' layers
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +103,8 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
+            if seq.num_draft_tokens and seq.num_tokens - seq.num_computed_tokens > budget:
+                seq.drop_drafts()  # drafts are verified whole or not at all
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
@@ -130,22 +140,29 @@ class Scheduler:
             budget -= num_new
             num_seqs += weight
 
+        layers: set[int] = set()
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
+            complete = start + num_new == seq.num_tokens
+            embed = seq.embed_layers is not None
+            if embed:
+                layers.update(seq.embed_layers)
             out.seqs.append(
                 ScheduledSeq(
                     seq_id=seq.seq_id,
                     token_ids=seq.token_ids[start : start + num_new],
                     start_pos=start,
                     block_table=self.block_manager.block_table(seq.seq_id),
-                    sample=start + num_new == seq.num_tokens,
+                    num_logits=1 + seq.num_draft_tokens if complete and not embed else 0,
+                    return_hidden=embed,
                 )
             )
+        out.hidden_layers = tuple(sorted(layers))
         return out
 
     def _admit_prefix(self, seq: Sequence) -> int:
         """Registers the sequence with the block manager, reusing cached prefix blocks."""
-        cached = self.block_manager.allocate_prefix(seq.seq_id, seq.token_ids)
+        cached = self.block_manager.allocate_prefix(seq.seq_id, seq.token_ids[: seq.cacheable_len])
         seq.num_computed_tokens = cached
         if seq.num_preemptions == 0 and seq.num_output_tokens == 0:
             seq.request.num_cached_prompt_tokens = max(seq.request.num_cached_prompt_tokens, cached)

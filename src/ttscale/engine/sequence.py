@@ -66,12 +66,36 @@ class Sequence:
     params: SamplingParams | None = None
     step_start: int = 0
     pending_delta: str = ""  # text produced since the last RequestOutput (streaming)
+    # Speculative tokens appended at the end of token_ids for this step only: verified (and
+    # accepted or rolled back) by the step that computes them; never seen between steps.
+    num_draft_tokens: int = 0
+    # An embedding sequence computes its tokens without sampling and keeps the hidden states
+    # of positions >= embed_start at these layers (the probe verifier's features).
+    embed_layers: tuple[int, ...] | None = None
+    embed_start: int = 0
+    hidden_parts: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params is None:
             self.params = self.request.params
         if not self.step_start:
             self.step_start = len(self.request.prompt_token_ids)
+
+    @property
+    def hidden_states(self) -> torch.Tensor | None:
+        """(positions from embed_start, len(embed_layers), hidden) once computed, else None."""
+        return torch.cat(self.hidden_parts) if self.hidden_parts else None
+
+    @property
+    def cacheable_len(self) -> int:
+        """How many leading tokens may come from the prefix cache: an embedding sequence must
+        compute every position it returns hidden states for."""
+        return self.embed_start + 1 if self.embed_layers is not None else self.num_tokens
+
+    def drop_drafts(self) -> None:
+        if self.num_draft_tokens:
+            del self.token_ids[-self.num_draft_tokens :]
+            self.num_draft_tokens = 0
 
     @property
     def num_step_tokens(self) -> int:

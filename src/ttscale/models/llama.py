@@ -17,15 +17,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttscale.attention.base import AttentionContext
-from ttscale.loader.errors import ModelLoadError
+from ttscale.attention.spec import AttentionLayerSpec
+from ttscale.errors import ModelLoadError
 from ttscale.models.config import ModelConfig
 from ttscale.models.layers import Linear, RMSNorm, RotaryEmbedding
 
 
+class HiddenCapture:
+    """Which hidden states a forward pass keeps: `rows` (R,) of the flattened tokens at
+    `layers` (numbered as transformers' `output_hidden_states`). After the pass, `states` is
+    (R, len(layers), hidden_size) in the model's dtype."""
+
+    def __init__(self, rows: torch.Tensor, layers: tuple[int, ...]) -> None:
+        self.rows, self.layers = rows, layers
+        self._parts: dict[int, torch.Tensor] = {}
+
+    def take(self, layer: int, x: torch.Tensor) -> None:
+        if layer in self.layers:
+            self._parts[layer] = x.index_select(0, self.rows)
+
+    @property
+    def states(self) -> torch.Tensor:
+        return torch.stack([self._parts[layer] for layer in self.layers], dim=1)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, spec: AttentionLayerSpec) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.spec = spec
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -52,7 +71,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalizes each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        out = attn(self.layer_idx, q, k, v)  # (T, n_heads, head_dim)
+        out = attn(self.spec, q, k, v)  # (T, n_heads, head_dim)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -71,10 +90,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, spec: AttentionLayerSpec) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, spec)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -101,23 +120,45 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
+        self.attention_specs = [self.attention_spec(i) for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in self.attention_specs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def attention_spec(self, layer_idx: int) -> AttentionLayerSpec:
+        """Layer `layer_idx`'s attention facts. One window for all layers here (Mistral's, or
+        none); a family with local/global layers overrides this."""
+        return AttentionLayerSpec(
+            layer_idx, self.config.head_dim**-0.5, sliding_window=self.config.sliding_window
+        )
+
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionContext,
+        capture: HiddenCapture | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: (T,) -> hidden states (T, hidden_size)."""
+        """input_ids, positions: (T,) -> hidden states (T, hidden_size) after the final norm.
+
+        With `capture`, the hidden states of its rows at its layers are kept in
+        `capture.states`, numbered as transformers' `output_hidden_states`: 0 = embeddings,
+        i = after decoder layer i - 1, num_layers = after the final norm.
+        """
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        if capture is not None:
+            capture.take(0, x)
+        for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            if capture is not None and i + 1 < len(self.layers):
+                capture.take(i + 1, x)
+        x = self.norm(x)
+        if capture is not None:
+            capture.take(len(self.layers), x)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
