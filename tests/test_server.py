@@ -23,8 +23,8 @@ import uvicorn
 
 from tests.conftest import make_tiny_model
 from ttscale import LLM
-from ttscale.server import ServerConfig, create_app
-from ttscale.server.config import model_names
+from ttscale.server.app import create_app
+from ttscale.server.config import ServerConfig, model_names
 from ttscale.server.engine_loop import EngineLoop
 
 MODEL = "tiny"

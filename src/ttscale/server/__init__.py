@@ -1,6 +1,5 @@
-"""OpenAI-compatible HTTP server: `create_app(llm, ServerConfig(...))`, `ttscale serve`."""
+"""OpenAI-compatible HTTP server (the `server` extra): `ttscale.server.app.create_app(llm,
+ServerConfig(...))` with `ServerConfig` from `ttscale.server.config`, and `ttscale serve`.
 
-from ttscale.server.app import create_app
-from ttscale.server.config import ServerConfig
-
-__all__ = ["ServerConfig", "create_app"]
+Nothing is imported here: `ttscale.server.cli` registers `serve` on the main CLI, which must
+load without fastapi installed."""
