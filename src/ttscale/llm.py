@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ttscale.engine.llm_engine import LLMEngine
+from ttscale.engine.llm_engine import LLMEngine, Proposer
 from ttscale.engine.outputs import RequestOutput
 from ttscale.engine.scheduler import SchedulerConfig
 from ttscale.kvcache import CacheConfig
@@ -70,6 +70,7 @@ class LLM:
         num_threads: int | None = None,
         max_model_len: int | None = None,
         hardware: str | None = "auto",
+        proposer: Proposer | None = None,
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -93,6 +94,7 @@ class LLM:
             device,
             max_model_len,
             hardware=_hardware(hardware),
+            proposer=proposer,
         )
         self._ids = itertools.count()
 
@@ -146,6 +148,31 @@ class LLM:
                             return
         finally:
             self.engine.abort(request_id)
+
+    def hidden_states(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        layers: Sequence[int],
+        start: int | Sequence[int] = 0,
+    ) -> list[torch.Tensor]:
+        """The model's hidden states over each token list, computed by the engine (batched,
+        paged, shared prefixes cached): per list, (len - start, len(layers), hidden_size) for
+        positions >= start. Layers are numbered as transformers' `output_hidden_states`:
+        0 = embeddings, i = after decoder layer i - 1, num_layers = after the final norm."""
+        starts = [start] * len(token_ids) if isinstance(start, int) else list(start)
+        if len(starts) != len(token_ids):
+            raise ValueError("pass one start or one per token list")
+        requests = []
+        try:
+            for ids, first in zip(token_ids, starts, strict=True):
+                rid = f"embed-{next(self._ids)}"
+                requests.append(self.engine.add_embed_request(rid, ids, layers, first))
+            while not all(r.finished for r in requests):
+                self.engine.step()
+            return [r.sequences[0].hidden_states for r in requests]
+        finally:
+            for r in requests:
+                self.engine.abort(r.request_id)
 
     def _run(
         self,
