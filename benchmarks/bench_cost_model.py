@@ -7,7 +7,7 @@ measures each step's model time, and compares it with two predictions of the sam
 
   * the step-time model (cost/steptime.py), calibrated first in this run by
     `calibrate_engine` on synthetic steps whose batch sizes and contexts are *not* the ones
-    validated here (see cost/calibrate_steps.py): this is the prediction the target is for;
+    validated here (see calibration/steps.py): this is the prediction the target is for;
   * the roofline max(FLOPs / peak, bytes / bandwidth) for this machine's calibrated profile:
     a lower bound, reported as "% of hardware limit" (error >= 0 unless the profile
     underestimates the machine).
@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from ttscale import LLM, SamplingParams
+from ttscale.calibration.steps import calibrate_engine
 from ttscale.cost.analytic import estimate
 from ttscale.cost.calibrate import calibrate
-from ttscale.cost.calibrate_steps import calibrate_engine
 from ttscale.cost.hardware import Hardware, bound, roofline_time
-from ttscale.cost.model import StepShape, step_cost
+from ttscale.cost.pricing import step_cost
+from ttscale.cost.shapes import StepShape
 from ttscale.cost.steptime import StepTimeModel
 
 

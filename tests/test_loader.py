@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_tiny_model
-from ttscale.loader import ModelLoadError, load_checkpoint
+from ttscale.loader import ModelLoadError, load_checkpoint, resolve_model_path
 from ttscale.models.config import ModelConfig
 from ttscale.models.registry import build_model
 
@@ -59,6 +59,22 @@ def test_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=r"no config.json"):
         load_checkpoint(tmp_path)
+
+
+def test_folder_with_several_ggufs_is_refused(tmp_path):
+    for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"several GGUF files; pass one of"):
+        load_checkpoint(tmp_path)
+
+
+def test_config_json_names_its_folder(tmp_path):
+    """A path to an HF folder's config.json loads the folder (the cost model prices the same
+    path, so both accept it)."""
+    make_tiny_model(tmp_path)
+    assert resolve_model_path(tmp_path / "config.json") == tmp_path
+    via_file = load_checkpoint(tmp_path / "config.json")
+    assert via_file.config == load_checkpoint(tmp_path).config
 
 
 def test_unsupported_architecture(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ttscale.cost.hardware import saved_profiles
-from ttscale.cost.model import ModelShape, StepShape
+from ttscale.cost.shapes import ModelShape, StepShape
 from ttscale.cost.steptime import (
     FEATURES,
     CalibrationStep,
@@ -186,7 +186,7 @@ def test_calibrate_engine_on_tiny_model(model_dir) -> None:
     """Calibration runs synthetic steps on the engine's pool; afterwards the engine still
     generates exactly what it did before (the scribbled KV is never read as a cache hit)."""
     from ttscale import LLM, SamplingParams
-    from ttscale.cost.calibrate_steps import calibrate_engine
+    from ttscale.calibration.steps import calibrate_engine
 
     llm = LLM(model_dir, kv_cache_gb=0.05)
     prompt = "The quick brown fox"
@@ -204,8 +204,8 @@ def test_calibrate_engine_on_tiny_model(model_dir) -> None:
     assert len(cal.fit.relative_errors) == len(cal.steps)
     assert model.predict(StepShape((1,) * 4, (100,) * 4)) > 0
     assert llm.generate([prompt], greedy)[0].outputs[0].token_ids == before
-    bm = llm.engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
+    kv = llm.engine.kv_stats()
+    assert kv["num_free_blocks"] == kv["num_blocks"]
 
     llm.engine.add_request("busy", [5, 6, 7], greedy)
     with pytest.raises(RuntimeError, match="idle engine"):
@@ -234,12 +234,17 @@ def test_estimate_predicted_time_is_the_sum_over_steps(share, n, block) -> None:
 def test_cli_calibrate_model_then_cost_predicts(model_dir, tmp_path, monkeypatch) -> None:
     """`ttscale calibrate --model` saves a step-time model that `ttscale cost --hardware
     local` then uses; a mismatched or missing one is a clear error."""
+    import typer
     from typer.testing import CliRunner
 
+    from ttscale.calibration import steps as calibrate_steps
+    from ttscale.calibration.cli import calibrate_cmd
     from ttscale.cost import calibrate as cal_mod
-    from ttscale.cost import calibrate_steps
-    from ttscale.cost.cli import cost_app
+    from ttscale.cost.cli import cost as cost_cmd
 
+    cost_app = typer.Typer()  # the two commands as `ttscale.cli` registers them
+    cost_app.command("cost")(cost_cmd)
+    cost_app.command("calibrate")(calibrate_cmd)
     real_measure = cal_mod.measure
     monkeypatch.setattr(cal_mod, "measure", lambda seconds, threads: real_measure(0.05, threads))
     real_calibrate = calibrate_steps.calibrate_engine

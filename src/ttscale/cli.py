@@ -151,7 +151,8 @@ def chat(
 
 def _register_subsystem_commands() -> None:
     """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
-    from ttscale.cost.cli import calibrate_cmd, cost
+    from ttscale.calibration.cli import calibrate_cmd
+    from ttscale.cost.cli import cost
     from ttscale.eval.cli import eval_cmd, solve_cmd
     from ttscale.plan.cli import plan_cmd
     from ttscale.server.cli import serve

@@ -1,8 +1,12 @@
 """Cost model: every run priced in FLOPs and bytes and held against the hardware roofline.
 
-See model.py for the formulas (after Kinetics, Sadhukhan et al., 2025), hardware.py for the
-roofline and profiles, analytic.py for the what-if mode, calibrate.py for measuring this
-machine (`from ttscale.cost.calibrate import calibrate`; kept out of here as it needs torch).
+Pure: shapes in, FLOPs / bytes / seconds out. shapes.py holds the descriptions (`ModelShape`
+from the one `ModelConfig`, the engine's `StepShape`), pricing.py the formulas (after Kinetics,
+Sadhukhan et al., 2025), hardware.py the roofline and profiles, steptime.py the fitted
+step-time model, analytic.py the what-if mode, meter.py the engine's per-step bill, and
+calibrate.py measures this machine's roofline with plain matmuls (`from ttscale.cost.calibrate
+import calibrate`; kept out of here as it times torch). Calibration that drives the engine
+lives above it, in `ttscale.calibration`.
 """
 
 from ttscale.cost.analytic import (
@@ -24,7 +28,8 @@ from ttscale.cost.hardware import (
     roofline_time,
     save_hardware,
 )
-from ttscale.cost.model import KNOWN_CONFIGS, ModelShape, StepCost, StepShape, load_shape, step_cost
+from ttscale.cost.pricing import StepCost, step_cost
+from ttscale.cost.shapes import KNOWN_CONFIGS, ModelShape, StepShape, load_shape
 
 __all__ = [
     "KNOWN_CONFIGS",

@@ -18,7 +18,7 @@ The run simulated is parallel sampling: N samples of one prompt of P tokens, G t
 `run_steps` lists these steps as `StepShape`s; `estimate` sums `step_cost` over them in closed
 form (roofline time vectorised over steps), so G = 32k is instant. Every phase is reported in
 FLOPs and bytes, held against the hardware roofline, and combined into Kinetics' eFLOPs
-(Sadhukhan et al., 2025; see model.py).
+(Sadhukhan et al., 2025; see pricing.py).
 
 Search strategies (beam, DVTS, tree, adaptive) are approximated as N samples sharing the
 prompt: a real search re-forks branches from each other as it goes (more sharing, less KV),
@@ -41,7 +41,8 @@ from ttscale.cost.hardware import (
     normalize_dtype,
     roofline_time,
 )
-from ttscale.cost.model import LOGIT_BYTES, ModelShape, StepCost, StepShape, step_cost
+from ttscale.cost.pricing import LOGIT_BYTES, StepCost, step_cost
+from ttscale.cost.shapes import ModelShape, StepShape
 from ttscale.cost.steptime import StepTimeModel
 
 # --------------------------------------------------------------------------- strategies

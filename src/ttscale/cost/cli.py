@@ -1,12 +1,7 @@
-"""`ttscale cost` (what-if pricing of a run) and `ttscale calibrate` (measure this machine).
+"""`ttscale cost`: what-if pricing of a run, without running the model.
 
-The lead registers these on the main CLI:
-
-    app.command("cost")(cost)
-    app.command("calibrate")(calibrate_cmd)
-
-and `python -m ttscale.cost.cli cost --model default --prompt-len 512 --gen-len 4096` runs
-them standalone.
+`ttscale.cli` registers it; `fail` and the `format_*` helpers are shared with
+`ttscale calibrate` (ttscale.calibration.cli).
 """
 
 from __future__ import annotations
@@ -21,26 +16,20 @@ from rich.console import Console
 from rich.table import Table
 
 from ttscale.cost.analytic import Estimate, estimate, parse_strategy
-from ttscale.cost.hardware import (
-    Hardware,
-    load_hardware,
-    local_profile_name,
-    normalize_dtype,
-    save_hardware,
-)
-from ttscale.cost.model import ModelShape, load_shape
+from ttscale.cost.hardware import Hardware, load_hardware, local_profile_name, normalize_dtype
+from ttscale.cost.shapes import ModelShape, load_shape
 from ttscale.cost.steptime import StepTimeModel, find_step_model
 
 _out = Console()
 _err = Console(stderr=True)
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
     _err.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code=2)
 
 
-def _si(value: float, unit: str) -> str:
+def format_si(value: float, unit: str) -> str:
     """1.23e12, "FLOP" -> "1.23 TFLOP" (decimal prefixes)."""
     if value == 0 or not math.isfinite(value):
         return f"{value:g} {unit}"
@@ -52,12 +41,12 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def _gib(n: float) -> str:
+def format_gib(n: float) -> str:
     """Memory capacities in binary units, as data sheets and nvidia-smi count them."""
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
-def _seconds(t: float) -> str:
+def format_seconds(t: float) -> str:
     if t >= 1000:
         return f"{t:,.0f} s"
     if t >= 1:
@@ -87,42 +76,47 @@ def _print_estimate(est: Estimate, hw: Hardware, step_model: StepTimeModel | Non
 
     row("steps", lambda ph: str(ph.steps if ph else pre.steps + dec.steps))
     row("tokens computed", lambda ph: f"{ph.tokens if ph else pre.tokens + dec.tokens:,}")
-    row("FLOPs", lambda ph: _si((ph.cost if ph else tot).flops, "FLOP"))
-    row("bytes", lambda ph: _si((ph.cost if ph else tot).bytes, "B"))
-    row("  weights read", lambda ph: _si((ph.cost if ph else tot).bytes_weights, "B"))
-    row("  KV read", lambda ph: _si((ph.cost if ph else tot).bytes_kv_read, "B"))
-    row("  KV written", lambda ph: _si((ph.cost if ph else tot).bytes_kv_write, "B"))
-    row("  logits written", lambda ph: _si((ph.cost if ph else tot).bytes_activations, "B"))
+    row("FLOPs", lambda ph: format_si((ph.cost if ph else tot).flops, "FLOP"))
+    row("bytes", lambda ph: format_si((ph.cost if ph else tot).bytes, "B"))
+    row("  weights read", lambda ph: format_si((ph.cost if ph else tot).bytes_weights, "B"))
+    row("  KV read", lambda ph: format_si((ph.cost if ph else tot).bytes_kv_read, "B"))
+    row("  KV written", lambda ph: format_si((ph.cost if ph else tot).bytes_kv_write, "B"))
+    row("  logits written", lambda ph: format_si((ph.cost if ph else tot).bytes_activations, "B"))
     row(
         "compute time (FLOPs/peak)",
-        lambda ph: _seconds(ph.compute_time if ph else pre.compute_time + dec.compute_time),
+        lambda ph: format_seconds(ph.compute_time if ph else pre.compute_time + dec.compute_time),
     )
     row(
         "memory time (bytes/bw)",
-        lambda ph: _seconds(ph.memory_time if ph else pre.memory_time + dec.memory_time),
+        lambda ph: format_seconds(ph.memory_time if ph else pre.memory_time + dec.memory_time),
     )
-    row("roofline time", lambda ph: _seconds(ph.time) if ph else f"[bold]{_seconds(est.time)}[/]")
+    row(
+        "roofline time",
+        lambda ph: format_seconds(ph.time) if ph else f"[bold]{format_seconds(est.time)}[/]",
+    )
     row("bound", lambda ph: ph.bound if ph else "")
     row(
         "eFLOPs",
-        lambda ph: _si(ph.efflops, "FLOP") if ph else f"[bold]{_si(est.efflops, 'FLOP')}[/]",
+        lambda ph: (
+            format_si(ph.efflops, "FLOP") if ph else f"[bold]{format_si(est.efflops, 'FLOP')}[/]"
+        ),
     )
     if est.predicted_time is not None:
-        total = f"[bold]{_seconds(est.predicted_time)}[/]"
+        total = f"[bold]{format_seconds(est.predicted_time)}[/]"
         row(
             "predicted time here (calibrated)",
-            lambda ph: _seconds(ph.predicted_time) if ph else total,
+            lambda ph: format_seconds(ph.predicted_time) if ph else total,
         )
     _out.print(table)
 
     mem = Table(show_header=False, box=None, padding=(0, 2))
     mem.add_column(justify="left")
     mem.add_column(justify="right")
-    mem.add_row("weights", _gib(est.weight_bytes))
-    mem.add_row("peak KV, prefix shared", _gib(est.peak_kv_bytes_shared))
-    mem.add_row("peak KV, not shared", _gib(est.peak_kv_bytes_unshared))
+    mem.add_row("weights", format_gib(est.weight_bytes))
+    mem.add_row("peak KV, prefix shared", format_gib(est.peak_kv_bytes_shared))
+    mem.add_row("peak KV, not shared", format_gib(est.peak_kv_bytes_unshared))
     fits = "[green]yes[/]" if est.fits_memory else "[red]no[/]"
-    mem.add_row(f"weights + peak KV fit in {_gib(hw.memory_bytes)}", fits)
+    mem.add_row(f"weights + peak KV fit in {format_gib(hw.memory_bytes)}", fits)
     mem.add_row("generated tokens / s (roofline)", f"{est.tokens_per_second:,.0f}")
     mem.add_row("hardware intensity I = peak / bandwidth", f"{hw.intensity(est.dtype):,.0f} FLOP/B")
     _out.print(mem)
@@ -203,7 +197,7 @@ def cost(
             step_model=steps,
         )
     except (ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if json_out:
         data: dict[str, Any] = est.to_dict()
         data["hardware_profile"] = hw.to_dict()
@@ -232,129 +226,3 @@ def _step_model(
             f"not {shape.name} in {normalize_dtype(dtype)}"
         )
     return model
-
-
-def calibrate_cmd(
-    seconds: Annotated[float, typer.Option(help="Measurement budget in seconds.")] = 3.0,
-    save: Annotated[
-        bool, typer.Option(help="Save the profile (then --hardware local finds it).")
-    ] = True,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all).")] = None,
-    profile_dir: Annotated[
-        Path | None, typer.Option(help="Where to save (default ~/.cache/ttscale/hardware).")
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Also calibrate the engine's step time for this model (folder, .gguf or "
-            "'default'; ~30 s), so `ttscale cost --hardware local` predicts wall time."
-        ),
-    ] = None,
-    dtype: Annotated[str, typer.Option(help="Model dtype for --model.")] = "float32",
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print JSON instead of a table.")
-    ] = False,
-) -> None:
-    """Measure this machine's matmul FLOP/s and memory bandwidth and save its profile; with
-    --model, also calibrate the engine's step-time model for that model."""
-    from ttscale.cost.calibrate import measure  # torch import only when calibrating
-
-    try:
-        cal = measure(seconds, threads)
-    except ValueError as e:
-        raise _fail(str(e)) from None
-    hw = cal.to_hardware()
-    try:
-        path = save_hardware(hw, profile_dir) if save else None
-        steps = _calibrate_steps(model, dtype, threads, save, profile_dir, quiet=json_out)
-    except OSError as e:
-        raise _fail(f"cannot save the profile: {e}") from None
-    if json_out:
-        typer.echo(
-            json.dumps(
-                {
-                    "profile": hw.to_dict(),
-                    "measurement": {
-                        "matmul_flops_fp32": cal.matmul_flops_fp32,
-                        "matmul_flops_bf16": cal.matmul_flops_bf16,
-                        "gemm_size_fp32": cal.gemm_size_fp32,
-                        "gemm_size_bf16": cal.gemm_size_bf16,
-                        "read_bandwidth": cal.read_bandwidth,
-                        "copy_bandwidth": cal.copy_bandwidth,
-                        "array_bytes": cal.array_bytes,
-                        "threads": cal.threads,
-                        "seconds": cal.seconds,
-                    },
-                    "saved_to": str(path) if path else None,
-                    "step_model": steps[0].to_dict() if steps else None,
-                    "step_model_saved_to": str(steps[1]) if steps and steps[1] else None,
-                },
-                indent=2,
-            )
-        )
-        return
-    table = Table(title=f"{hw.name} ({cal.threads} threads, {cal.seconds:.1f} s)")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row(f"matmul fp32 ({cal.gemm_size_fp32}³ GEMM)", _si(cal.matmul_flops_fp32, "FLOP/s"))
-    table.add_row(f"matmul bf16 ({cal.gemm_size_bf16}³ GEMM)", _si(cal.matmul_flops_bf16, "FLOP/s"))
-    table.add_row(
-        f"read bandwidth (sum, {cal.array_bytes >> 20} MiB)", _si(cal.read_bandwidth, "B/s")
-    )
-    table.add_row("copy bandwidth (read + write)", _si(cal.copy_bandwidth, "B/s"))
-    table.add_row("memory", _gib(hw.memory_bytes))
-    table.add_row("intensity I (bf16)", f"{hw.intensity('bf16'):.1f} FLOP/B")
-    _out.print(table)
-    if path:
-        where = "" if profile_dir is None else f" --profile-dir {profile_dir}"
-        _out.print(f"saved to {path} (use --hardware local{where})", highlight=False)
-    if steps:
-        _print_step_model(*steps)
-
-
-def _calibrate_steps(
-    model: str | None,
-    dtype: str,
-    threads: int | None,
-    save: bool,
-    profile_dir: Path | None,
-    quiet: bool,
-) -> tuple[StepTimeModel, Path | None] | None:
-    """Load `model` and calibrate its step-time model (None without --model)."""
-    if model is None:
-        return None
-    from ttscale import LLM
-    from ttscale.cost.calibrate_steps import calibrate_engine
-
-    try:
-        llm = LLM(None if model == "default" else model, dtype=dtype, num_threads=threads,
-                  hardware=None)  # fmt: skip
-        log = None if quiet else (lambda msg: _err.print(f"[dim]{msg}[/]", highlight=False))
-        result = calibrate_engine(llm.engine, log=log, model_name=Path(llm.source).stem)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise _fail(str(e)) from None
-    return result.model, result.model.save(profile_dir) if save else None
-
-
-def _print_step_model(model: StepTimeModel, path: Path | None) -> None:
-    title = f"step-time model: {model.shape.name} ({model.dtype}, {model.threads} threads)"
-    table = Table(title=title)
-    table.add_column("term")
-    table.add_column("seconds per unit", justify="right")
-    table.add_row("one block's matmuls, 1 row", _seconds(model.layer_linear(1)))
-    table.add_row("one block's matmuls, 64 rows", _seconds(model.layer_linear(64)))
-    table.add_row("lm_head, 1 row", _seconds(model.lm_head(1)))
-    for name, value in model.coefficients.items():
-        table.add_row(name, f"{value:.3g} s")
-    _out.print(table)
-    _out.print(f"[dim]{model.source}[/]", highlight=False)
-    if path:
-        _out.print(f"saved to {path} (`ttscale cost --hardware local` uses it)", highlight=False)
-
-
-cost_app = typer.Typer(help="ttscale cost model (standalone).", no_args_is_help=True)
-cost_app.command("cost")(cost)
-cost_app.command("calibrate")(calibrate_cmd)
-
-if __name__ == "__main__":
-    cost_app()

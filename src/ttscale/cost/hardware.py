@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ttscale.cost.model import StepCost
+from ttscale.cost.pricing import StepCost
 
 Bound = Literal["compute", "memory"]
 

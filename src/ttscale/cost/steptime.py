@@ -19,7 +19,7 @@ So a step's predicted time is
 
 with the two tables measured directly, and the per-unit costs c_k of the overhead features
 x_k (below, `FEATURES`) fitted by non-negative least squares on a set of calibration steps
-(calibrate_steps.py) that differs from the benchmark's grid of validation steps. The
+(ttscale.calibration.steps) that differs from the benchmark's grid of validation steps. The
 calibration depends on the machine, the thread count, the model's shape and the dtype; it is
 stored next to the hardware profiles. The roofline stays the denominator of "% of hardware
 limit"; this model answers "how long will this take here".
@@ -44,7 +44,7 @@ from ttscale.cost.hardware import (
     read_profile,
     write_profile,
 )
-from ttscale.cost.model import ModelShape, StepShape
+from ttscale.cost.shapes import ModelShape, StepShape
 
 PROFILE_FORMAT = 1
 

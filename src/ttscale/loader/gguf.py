@@ -24,8 +24,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from transformers import PreTrainedTokenizerFast
 from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
+from ttscale.errors import ModelLoadError
 from ttscale.loader.checkpoint import Checkpoint
-from ttscale.loader.errors import ModelLoadError
 from ttscale.threads import one_torch_thread
 from ttscale.tokenizer import Tokenizer
 
@@ -86,6 +86,18 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
             n_head = heads.get(info.name.split(".")[-2]) if arch == "llama" else None
             tensors[hf_name] = _read_tensor(file, info, n_head, dtype)
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(path))
+
+
+def read_gguf_config(path: str | Path) -> dict[str, Any]:
+    """The HF config dict of a GGUF file from its header alone, as `load_gguf` builds it.
+
+    Fast (milliseconds): the file is memory-mapped, no tensor is dequantized (except Llama 3's
+    small rope_freqs vector) and the tokenizer is not built. Raises ModelLoadError like
+    `load_gguf`.
+    """
+    path = Path(path)
+    file = _read_gguf(path)
+    return _config(file, path, _architecture(file.metadata, path))
 
 
 # --- file layout -------------------------------------------------------------------------------

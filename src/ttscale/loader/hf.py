@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ttscale.errors import ModelLoadError
 from ttscale.loader.checkpoint import Checkpoint
-from ttscale.loader.errors import ModelLoadError
 from ttscale.tokenizer import Tokenizer
 
 # Formats we refuse on sight: they are Python pickles, and unpickling runs arbitrary code.
@@ -19,10 +20,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
-    config = _read_json(config_path)
+    config = read_hf_config(path)
     files = _safetensors_files(path)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
@@ -34,6 +32,14 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
             tensors[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
     eos = _generation_eos(path)
     return Checkpoint(config, tensors, Tokenizer.from_dir(path, eos), str(path))
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The config.json dict of an HF model folder (its weights are not opened)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+    return _read_json(config_path)
 
 
 def _read_json(path: Path) -> dict:

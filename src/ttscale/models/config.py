@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ttscale.loader.errors import ModelLoadError
+from ttscale.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ class ModelConfig:
                 rope_theta=float(_rope_theta(hf)),
                 rope_scaling=_rope_scaling(hf),
                 max_position_embeddings=int(get("max_position_embeddings", 4096)),
+                # Absent means untied: the default of transformers' Llama, Mistral, Qwen2 and
+                # Qwen3 configs (PretrainedConfig's True applies to none of them).
                 tie_word_embeddings=bool(get("tie_word_embeddings", False)),
                 attention_bias=bool(get("attention_bias", family_defaults["attention_bias"])),
                 qk_norm=family_defaults["qk_norm"],

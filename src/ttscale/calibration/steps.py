@@ -1,4 +1,4 @@
-"""Calibrate the step-time model (steptime.py) by running the engine's own model.
+"""Calibrate the step-time model (ttscale.cost.steptime) by running the engine's own model.
 
 Two measurements, on an idle engine:
   1. Row tables: the seconds of one decoder block's matmuls, and of the lm_head, at 1 ... 2048
@@ -32,7 +32,7 @@ import torch
 
 from ttscale.attention.paged import KVCache
 from ttscale.cost.hardware import local_profile_name
-from ttscale.cost.model import StepShape
+from ttscale.cost.shapes import StepShape
 from ttscale.cost.steptime import (
     FEATURES,
     CalibrationStep,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ttscale.cost.hardware import Hardware, efflops, roofline_time
-from ttscale.cost.model import ModelShape, StepCost, StepShape, step_cost
+from ttscale.cost.pricing import StepCost, step_cost
+from ttscale.cost.shapes import ModelShape, StepShape
 from ttscale.cost.usage import RunCost
 from ttscale.models.config import ModelConfig
 
