@@ -26,9 +26,9 @@ which change every step under continuous batching. Hence
 * draws use the inverse CDF over the kept tokens *in token-id order*, so the order in which a
   kernel returns tied values never matters.
 
-Top-p without sorting the vocabulary: sorting 49k probabilities costs ~3.5 ms per row on one CPU
-core, and a small model at T=1 often has a nucleus of thousands of tokens (SmolLM2-135M: more
-than 1024 tokens in 15% of steps at top_p=0.95), so candidate lists do not help. A top-p row
+Top-p without sorting the vocabulary: a full sort per row costs milliseconds on one CPU core,
+and a small model at T=1 often has a nucleus of thousands of tokens, so candidate lists do not
+help (measurements: docs/BENCHMARKS.md, "Measurements behind code choices"). A top-p row
 instead draws from the (min-p-masked) full distribution and accepts the token iff the mass of
 the tokens strictly more likely than it is < top_p, i.e. iff it is in the nucleus, else draws
 again. That samples the renormalised nucleus exactly; a cheap bound from per-block maxima
@@ -36,8 +36,8 @@ settles most acceptances, the others cost one pass over their row; a row still r
 ``_MAX_ATTEMPTS`` draws (nucleus mass likely below ~0.5) falls back to the exact threshold from
 its top 1024 candidates (more, up to the full sort, when the nucleus is larger).
 
-Cost (64 rows x 49152, one core, loaded 2-core VM): greedy 0.5 ms; T=1 3.1 ms; T + top_p
-4.3-5 ms; T + top_k=50 7 ms -- mostly the memory-bound (B, V) passes (temperature, softmax).
+A step's cost is mostly the memory-bound (B, V) passes (temperature, softmax); the per-mode
+times are in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -136,8 +136,9 @@ class _Workspace:
     """Scratch (rows, cols) float32 buffers, kept across calls and grown as needed.
 
     Every decode step needs a few (B, V) temporaries (12.5 MB at 64 x 49152). Fresh ones are
-    page-faulted in whenever glibc has just given the previous ones back to the OS, which on
-    the 2-core VM turned a 2.4 ms temperature + softmax into ~17 ms; reusing them avoids it.
+    page-faulted in whenever glibc has just given the previous ones back to the OS, which
+    multiplied the time of a temperature + softmax several times over (docs/BENCHMARKS.md);
+    reusing them avoids it.
     """
 
     def __init__(self) -> None:
@@ -257,7 +258,8 @@ def _token_pairs(
         for seq in seqs if with_prompt else seqs[1:]:
             flat.extend(seq.tolist() if isinstance(seq, torch.Tensor) else seq)
         lengths.append(len(flat) - n)
-    # numpy converts a list of ints ~7x faster than torch.tensor (0.5 vs 3.6 ms for 38k).
+    # numpy converts a long list of ints several times faster than torch.tensor
+    # (docs/BENCHMARKS.md, "Measurements behind code choices").
     tokens = torch.from_numpy(np.array(flat, dtype=np.int64)).to(device)
     row_idx = torch.repeat_interleave(torch.tensor(which), torch.tensor(lengths)).to(device)
     valid = (tokens >= 0) & (tokens < vocab)
@@ -274,8 +276,9 @@ def _select_rows(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax, first index on ties, as ``x.argmax(-1)``.
 
-    torch's CPU argmax is ~4x slower than its max; the argmax of the block maxima (first
-    block holding the maximum) then the argmax inside that block gives the same index.
+    torch's CPU argmax is several times slower than its max (docs/BENCHMARKS.md); the argmax
+    of the block maxima (first block holding the maximum) then the argmax inside that block
+    gives the same index.
     """
     n, vocab = x.shape
     if vocab % _SMALL_BLOCK or vocab < 4 * _SMALL_BLOCK:
@@ -291,9 +294,9 @@ def _keep_above(
 ) -> torch.Tensor:
     """``out[j] = where(p[rows[j]] > threshold[j], p[rows[j]], 0)``; returns ``out``.
 
-    On CPU a per-row ``torch.threshold`` is ~8x faster than the batched ``where`` (same
-    values: an elementwise comparison) and needs no copy of the selected rows, so the loop
-    runs cheap kernels, not heavy work.
+    On CPU a per-row ``torch.threshold`` is several times faster than the batched ``where``
+    (same values: an elementwise comparison; docs/BENCHMARKS.md) and needs no copy of the
+    selected rows, so the loop runs cheap kernels, not heavy work.
     """
     if p.device.type != "cpu":
         return torch.where(p[rows] > threshold.unsqueeze(1), p[rows], 0.0, out=out)

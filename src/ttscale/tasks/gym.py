@@ -1,8 +1,8 @@
 """Tasks backed by reasoning-gym's procedural datasets (offline, seeded, unlimited size).
 
 ``GymTask("chain_sum", "easy")`` wraps ``reasoning_gym.create_dataset(name, size=n, seed=...,
-**config)``. reasoning-gym is imported lazily (it takes ~1 s), so importing this module is
-cheap.
+**config)``. reasoning-gym is imported lazily (a slow import: docs/BENCHMARKS.md), so importing
+this module is cheap.
 
 Difficulty presets (``easy`` / ``medium`` / ``hard``) exist for the datasets in
 :data:`DIFFICULTY_PRESETS`: arithmetic-like sets where difficulty is the number of terms /
@@ -213,7 +213,7 @@ _PROBE_SIZE = 8
 
 
 def _registry() -> dict[str, tuple[type, type]]:
-    from reasoning_gym.factory import DATASETS  # lazy: ~1 s import
+    from reasoning_gym.factory import DATASETS  # lazy: a slow import
 
     return DATASETS
 
