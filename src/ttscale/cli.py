@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ttscale.loader.errors import ModelLoadError
+from ttscale.errors import ModelLoadError
 from ttscale.sampling.params import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
