@@ -27,12 +27,12 @@ from ttscale.eval.harness import run_eval
 from ttscale.eval.report import pareto_plot, print_summary
 from ttscale.loader.default_model import default_model_path
 from ttscale.sampling.params import SamplingParams
-from ttscale.strategies.base import parse_spec
+from ttscale.strategy_spec import parse_strategy_spec
 from ttscale.tasks import load_task
 
 
 def samples_of(spec: str) -> int:
-    _, n, _ = parse_spec(spec)
+    n = parse_strategy_spec(spec).n
     return n or 1
 
 

@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 
 from ttscale.calibration.cli import calibrate_cmd
 from ttscale.cost import analytic, hardware
-from ttscale.cost.analytic import RunSpec, estimate, estimate_by_steps, parse_strategy, run_steps
+from ttscale.cost.analytic import (
+    RunSpec,
+    estimate,
+    estimate_by_steps,
+    run_steps,
+    strategy_cost_profile,
+)
 from ttscale.cost.cli import cost
 from ttscale.cost.hardware import (
     PRESETS,
@@ -440,22 +446,22 @@ def test_single_sample_sharing_is_moot(tiny: ModelShape) -> None:
     assert a.total == b.total and a.peak_kv_bytes == b.peak_kv_bytes
 
 
-def test_parse_strategy() -> None:
-    assert parse_strategy("greedy").num_samples == 1
-    assert parse_strategy("sample").num_samples == 1
-    assert parse_strategy("sample@4").num_samples == 4
-    assert parse_strategy("majority@8").num_samples == 8
-    assert parse_strategy("Weighted@16").kind == "weighted"
-    assert parse_strategy("bon@32").num_samples == 32
-    beam = parse_strategy("beam@16/4")
+def test_strategy_cost_profile() -> None:
+    assert strategy_cost_profile("greedy").num_samples == 1
+    assert strategy_cost_profile("sample").num_samples == 1
+    assert strategy_cost_profile("sample@4").num_samples == 4
+    assert strategy_cost_profile("majority@8").num_samples == 8
+    assert strategy_cost_profile("Weighted@16").kind == "weighted"
+    assert strategy_cost_profile("bon@32").num_samples == 32
+    beam = strategy_cost_profile("beam@16/4")
     assert (beam.num_samples, beam.width, beam.approximate) == (16, 4, True)
-    assert parse_strategy("dvts@16/4").approximate
-    assert parse_strategy("tree@8").num_samples == 8
-    assert parse_strategy("adaptive@64").num_samples == 64
-    assert not parse_strategy("majority@8").approximate
+    assert strategy_cost_profile("dvts@16/4").approximate
+    assert strategy_cost_profile("tree@8").num_samples == 8
+    assert strategy_cost_profile("adaptive@64").num_samples == 64
+    assert not strategy_cost_profile("majority@8").approximate
     for bad in ("majority", "greedy@2", "bon@4/2", "beam@4/8", "nope@3", "majority@x", "bon@0"):
         with pytest.raises(ValueError):
-            parse_strategy(bad)
+            strategy_cost_profile(bad)
 
 
 # ----------------------------------------------------------------------------- CLI

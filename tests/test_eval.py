@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 from ttscale import SamplingParams
 from ttscale.eval.cli import make_app
 from ttscale.eval.harness import run_eval
-from ttscale.eval.metrics import majority_vote, wilson_interval
+from ttscale.eval.metrics import wilson_interval
 from ttscale.eval.report import axis_key, markdown_summary, pareto_frontier, summary_table
 from ttscale.eval.store import RECORDS_FILE, SettingsMismatch, load_records
 from ttscale.eval.summary import k_values
 from ttscale.tasks import JsonlTask
+from ttscale.tts.votes import majority_vote
 
 PROBLEMS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4\n#### 1"},

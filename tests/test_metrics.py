@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from ttscale.eval import maj_at_k, majority_vote, pass_at_k, summarize, wilson_interval
+from ttscale.eval import maj_at_k, pass_at_k, summarize, wilson_interval
+from ttscale.tts.votes import majority_vote
 
 # --------------------------------------------------------------------------------------------
 # pass@k

@@ -19,7 +19,6 @@ import pytest
 from typer.testing import CliRunner
 
 from ttscale import SamplingParams
-from ttscale.eval.metrics import majority_vote
 from ttscale.plan import (
     InfeasibleBudget,
     Pilot,
@@ -45,6 +44,7 @@ from ttscale.plan.curves import (
 )
 from ttscale.plan.probe import calibrate_probe, simulate_probe
 from ttscale.tasks import JsonlTask
+from ttscale.tts.votes import majority_vote
 
 # ---- the knapsack -----------------------------------------------------------------------------
 

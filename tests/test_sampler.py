@@ -358,7 +358,7 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
     ],
 )
 def test_impossible_sampling_parameter_names_its_field(kwargs, field) -> None:
-    from ttscale.sampling import SamplingParamsError
+    from ttscale.errors import SamplingParamsError
 
     with pytest.raises(SamplingParamsError, match=f"invalid sampling parameter {field}=") as e:
         SamplingParams(**kwargs)

@@ -8,8 +8,7 @@ import torch
 from tests.conftest import TINY_VOCAB, make_tiny_model, save_tiny_tokenizer
 from ttscale import LLM, ModelLoadError, SamplingParams
 from ttscale.scorers import JudgeScorer, OracleScorer, ScoreContext
-from ttscale.strategies import Session, drive
-from ttscale.strategies.session import Branch
+from ttscale.tts.session import Branch, Session, drive
 
 
 def branch(text: str) -> Branch:

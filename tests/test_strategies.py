@@ -13,11 +13,11 @@ import pytest
 from tests.conftest import make_tiny_model
 from ttscale import LLM, SamplingParams
 from ttscale.scorers import MeanLogprobScorer, ScoreContext, aggregate
-from ttscale.strategies import SearchConfig, Session, drive, make_strategy
+from ttscale.strategies import SearchConfig, make_strategy
 from ttscale.strategies.adaptive import AdaptiveConsistency
 from ttscale.strategies.api import make_query, solve_many
-from ttscale.strategies.session import Branch, Wait
 from ttscale.strategies.tree import cluster_texts
+from ttscale.tts.session import Branch, Session, Wait, drive
 
 SPECS = [
     "greedy",

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Lazy exports (PEP 562): `import ttscale.models...` must not pull in the engine, torch
-# threads or transformers' tokenizer stack until they are used.
-_EXPORTS = {
-    "LLM": "ttscale.llm",
-    "SamplingParams": "ttscale.sampling.params",
-    "GREEDY": "ttscale.sampling.params",
-    "RequestOutput": "ttscale.engine.outputs",
-    "CompletionOutput": "ttscale.engine.outputs",
-    "Usage": "ttscale.engine.outputs",
-    "ModelLoadError": "ttscale.loader.errors",
-}
-__all__ = sorted(_EXPORTS)
+from ttscale.engine.outputs import CompletionOutput, RequestOutput, Usage
+from ttscale.errors import ModelLoadError
+from ttscale.sampling.params import GREEDY, SamplingParams
+
+if TYPE_CHECKING:
+    from ttscale.llm import LLM
+
+__all__ = [
+    "GREEDY",
+    "LLM",
+    "CompletionOutput",
+    "ModelLoadError",
+    "RequestOutput",
+    "SamplingParams",
+    "Usage",
+]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    # `LLM` alone is loaded on first use (PEP 562), not to dodge a cycle but for speed: every
+    # `import ttscale.<anything>` runs this file, and the engine behind `LLM` pulls in torch
+    # and transformers' tokenizer stack (~2.5 s), which `ttscale --help`, the cost model and
+    # the light modules must not pay for.
+    if name == "LLM":
+        from ttscale.llm import LLM
+
+        return LLM
     raise AttributeError(f"module 'ttscale' has no attribute {name!r}")

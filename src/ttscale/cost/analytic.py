@@ -28,7 +28,6 @@ prunes and restarts branches, and calls a verifier; none of that is modelled.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,88 +43,75 @@ from ttscale.cost.hardware import (
 from ttscale.cost.pricing import LOGIT_BYTES, StepCost, step_cost
 from ttscale.cost.shapes import ModelShape, StepShape
 from ttscale.cost.steptime import StepTimeModel
+from ttscale.strategy_spec import StrategySpec, parse_strategy_spec
 
 # --------------------------------------------------------------------------- strategies
 
-_STRATEGY_RE = re.compile(r"^([a-z_-]+)(?:@(\d+)(?:/(\d+))?)?$")
-
-# kind -> (needs @N, accepts /M, approximate, note)
-_KINDS: dict[str, tuple[bool, bool, bool, str]] = {
-    "greedy": (False, False, False, "one greedy sample"),
-    "sample": (False, False, False, "N independent samples (default 1)"),
-    "majority": (True, False, False, "N samples, majority vote on the answers"),
-    "weighted": (True, False, False, "N samples, reward-weighted vote (reward model not priced)"),
-    "bon": (True, False, False, "best of N samples (reward model not priced)"),
+# canonical name -> (approximate, note); specs are parsed by ttscale.strategy_spec.
+_PRICING: dict[str, tuple[bool, str]] = {
+    "greedy": (False, "one greedy sample"),
+    "sample": (False, "one sample"),
+    "majority": (False, "N samples, majority vote on the answers"),
+    "weighted": (False, "N samples, reward-weighted vote (reward model not priced)"),
+    "bon": (False, "best of N samples (reward model not priced)"),
     "beam": (
-        True,
-        True,
         True,
         "beam search, N beams of width M: approximated as N samples sharing the prompt",
     ),
     "dvts": (
         True,
-        True,
-        True,
         "diverse verifier tree search, N branches in subtrees of M: approximated as N samples "
         "sharing the prompt",
     ),
-    "tree": (True, False, True, "tree search, N active branches: approximated as N samples"),
-    "adaptive": (
-        True,
-        False,
-        True,
-        "adaptive sampling up to N: priced at its maximum, N samples",
-    ),
+    "tree": (True, "tree search, N active branches: approximated as N samples"),
+    "adaptive": (True, "adaptive sampling up to N: priced at its maximum, N samples"),
 }
-_KIND_ALIASES = {"best-of": "bon", "best_of": "bon", "bestofn": "bon", "vote": "majority"}
 
 
 @dataclass(frozen=True)
-class Strategy:
-    """A strategy spec reduced to what the cost model needs: how many samples run at once."""
+class StrategyCostProfile:
+    """A strategy reduced to what the cost model prices: how many samples run at once, and
+    whether pricing it as N samples sharing the prompt is only an approximation."""
 
-    spec: str
-    kind: str
-    num_samples: int  # N: parallel samples / active branches
-    width: int | None = None  # M of beam@N/M, dvts@N/M
-    approximate: bool = False  # priced as N samples sharing the prompt, which it only resembles
-    note: str = ""
+    spec: StrategySpec
 
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"unknown strategy kind {self.kind!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"strategy {self.spec!r}: N must be >= 1")
-        if self.width is not None and not 1 <= self.width <= self.num_samples:
-            raise ValueError(f"strategy {self.spec!r}: M must be in [1, N]")
+    @property
+    def kind(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_samples(self) -> int:
+        """N: parallel samples / active branches."""
+        return self.spec.n
+
+    @property
+    def width(self) -> int | None:
+        """M of beam@N/M, dvts@N/M."""
+        return self.spec.m
+
+    @property
+    def approximate(self) -> bool:
+        return _PRICING[self.kind][0]
+
+    @property
+    def note(self) -> str:
+        return _PRICING[self.kind][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.canonical,
+            "kind": self.kind,
+            "num_samples": self.num_samples,
+            "width": self.width,
+            "approximate": self.approximate,
+            "note": self.note,
+        }
 
 
-def parse_strategy(spec: str) -> Strategy:
-    """Parse `greedy`, `sample[@N]`, `majority@N`, `weighted@N`, `bon@N`, `beam@N[/M]`,
-    `dvts@N[/M]`, `tree@N`, `adaptive@N` (case-insensitive)."""
-    text = str(spec).strip().lower()
-    m = _STRATEGY_RE.match(text)
-    if not m:
-        raise ValueError(f"cannot parse strategy {spec!r}: expected e.g. majority@8 or beam@16/4")
-    kind, n, width = m.group(1), m.group(2), m.group(3)
-    kind = _KIND_ALIASES.get(kind, kind)
-    if kind not in _KINDS:
-        raise ValueError(f"unknown strategy {kind!r} in {spec!r}: use one of {', '.join(_KINDS)}")
-    needs_n, takes_m, approximate, note = _KINDS[kind]
-    if kind == "greedy" and n is not None:
-        raise ValueError("greedy takes no @N (it is one deterministic sample)")
-    if needs_n and n is None:
-        raise ValueError(f"strategy {kind!r} needs a sample count: {kind}@N")
-    if width is not None and not takes_m:
-        raise ValueError(f"strategy {kind!r} takes no /M")
-    return Strategy(
-        spec=text,
-        kind=kind,
-        num_samples=int(n) if n is not None else 1,
-        width=int(width) if width is not None else None,
-        approximate=approximate,
-        note=note,
-    )
+def strategy_cost_profile(spec: str) -> StrategyCostProfile:
+    """The cost profile of a strategy spec (see ttscale.strategy_spec: case-insensitive, with
+    aliases such as `sample@8` and `best-of@8`); a bad spec raises StrategySpecError."""
+    return StrategyCostProfile(parse_strategy_spec(spec))
 
 
 # --------------------------------------------------------------------------- the run
@@ -274,7 +260,7 @@ class Estimate:
     peak_kv_bytes_shared: float  # KV held at the end with prefix sharing
     peak_kv_bytes_unshared: float  # ... and with every sample holding its own copy
     memory_bytes: float  # the hardware's memory
-    strategy: Strategy | None = field(default=None)
+    strategy: StrategyCostProfile | None = field(default=None)
 
     @property
     def total(self) -> StepCost:
@@ -310,22 +296,11 @@ class Estimate:
         return self.run.num_samples * self.run.gen_len / self.time if self.time else math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        strategy = None
-        if self.strategy is not None:
-            s = self.strategy
-            strategy = {
-                "spec": s.spec,
-                "kind": s.kind,
-                "num_samples": s.num_samples,
-                "width": s.width,
-                "approximate": s.approximate,
-                "note": s.note,
-            }
         return {
             "model": self.model,
             "hardware": self.hardware,
             "dtype": self.dtype,
-            "strategy": strategy,
+            "strategy": self.strategy.to_dict() if self.strategy is not None else None,
             "prompt_len": self.run.prompt_len,
             "gen_len": self.run.gen_len,
             "num_samples": self.run.num_samples,
@@ -394,7 +369,7 @@ def estimate(
     block_size: int | None = None,
     weight_bytes_per_param: float | None = None,
     kv_bytes: float | None = None,
-    strategy: Strategy | None = None,
+    strategy: StrategyCostProfile | None = None,
     step_model: StepTimeModel | None = None,
 ) -> Estimate:
     """Price N parallel samples of one prompt (see the module docstring for the steps).
@@ -520,11 +495,11 @@ __all__ = [
     "Estimate",
     "PhaseEstimate",
     "RunSpec",
-    "Strategy",
+    "StrategyCostProfile",
     "decode_step",
     "estimate",
     "estimate_by_steps",
-    "parse_strategy",
     "prefill_step",
     "run_steps",
+    "strategy_cost_profile",
 ]

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ttscale.cost.analytic import Estimate, estimate, parse_strategy
+from ttscale.cost.analytic import Estimate, estimate, strategy_cost_profile
 from ttscale.cost.hardware import Hardware, load_hardware, local_profile_name, normalize_dtype
 from ttscale.cost.shapes import ModelShape, load_shape
 from ttscale.cost.steptime import StepTimeModel, find_step_model
@@ -181,7 +181,7 @@ def cost(
     try:
         shape = load_shape(model)
         hw = load_hardware(hardware, profile_dir)
-        strat = parse_strategy(strategy)
+        strat = strategy_cost_profile(strategy)
         steps = _step_model(step_model, shape, dtype, hw, profile_dir)
         est = estimate(
             shape,

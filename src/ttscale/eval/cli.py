@@ -34,8 +34,8 @@ def _fail(message: object) -> NoReturn:
 
 
 def _load_llm(model: str | None, threads: int | None, kv_cache_gb: float | None) -> Any:
+    from ttscale.errors import ModelLoadError
     from ttscale.llm import LLM
-    from ttscale.loader.errors import ModelLoadError
 
     options = {} if kv_cache_gb is None else {"kv_cache_gb": kv_cache_gb}
     try:

@@ -1,4 +1,5 @@
-"""Metrics of a sampling evaluation: pass@k, majority vote, maj@k, accuracy summaries.
+"""Metrics of a sampling evaluation: pass@k, maj@k, accuracy summaries (votes are counted by
+``ttscale.tts.votes``, the same rule the voting strategies select by).
 
 Conventions: answers are *normalized* strings (``task.extract_answer`` output) and ``None``
 means "no answer extracted"; ``None`` never votes and is never correct.
@@ -9,10 +10,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
-K = TypeVar("K", bound=Hashable)
+from ttscale.tts.votes import check_weights, plurality
 
 # maj_at_k: enumerate all C(n, k) subsets up to this many, else Monte Carlo.
 MAJ_EXACT_LIMIT = 20_000
@@ -50,69 +51,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# majority vote
-
-
-def _vote(keys: Sequence[K | None], weights: Sequence[float] | None) -> tuple[K | None, dict]:
-    totals: dict[K, float] = {}
-    for i, key in enumerate(keys):
-        if key is None:
-            continue
-        w = 1.0 if weights is None else float(weights[i])
-        totals[key] = totals.get(key, 0.0) + w
-    if not totals:
-        return None, totals
-    best = max(totals.values())
-    if sum(1 for v in totals.values() if v == best) == 1:
-        return next(k for k, v in totals.items() if v == best), totals
-    # Tie: replay the votes; the first key whose running total reaches the maximum wins. The
-    # running total at a key's last vote is bit-identical to its final total (same additions in
-    # the same order), so exact comparison is safe.
-    running: dict[K, float] = {}
-    for i, key in enumerate(keys):
-        if key is None:
-            continue
-        running[key] = running.get(key, 0.0) + (1.0 if weights is None else float(weights[i]))
-        if totals[key] == best and running[key] == best:
-            return key, totals
-    raise AssertionError("unreachable: the maximum is reached by some key")
-
-
-def _check_weights(n: int, weights: Sequence[float] | None) -> None:
-    if weights is None:
-        return
-    if len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} answers")
-    for w in weights:
-        if not (w >= 0.0 and math.isfinite(w)):
-            # Summing signed scores would make extra votes *lower* an answer's total; raw
-            # reward-model logits need a monotone map to [0, inf) (e.g. sigmoid) first.
-            raise ValueError(
-                f"vote weights must be finite and >= 0, got {w} "
-                "(map raw reward-model logits through a sigmoid first)"
-            )
-
-
-def majority_vote(
-    answers: Sequence[str | None], weights: Sequence[float] | None = None
-) -> tuple[str | None, dict[str, float]]:
-    """Plurality vote over normalized answers.
-
-    Returns ``(winner, totals)``: ``totals`` maps each answer to its vote count (or summed
-    weight), in order of first appearance; ``winner`` has the largest total. ``None`` answers do
-    not vote; no votes at all gives ``(None, {})``.
-
-    Ties are broken deterministically: the winner is the tied answer that *reached* the maximum
-    total first when the votes are read in order (``[a, b, b, a]`` -> ``b``, which had 2 votes
-    at position 2, before ``a`` at position 3). With weights (finite, >= 0, e.g. reward-model
-    scores for weighted voting) the same rule applies to running weight sums; if every weight
-    is 0, every answer ties at 0 and the first answer wins.
-    """
-    _check_weights(len(answers), weights)
-    return _vote(answers, weights)
-
-
-# --------------------------------------------------------------------------------------------
 # maj@k
 
 
@@ -143,16 +81,17 @@ def maj_at_k(
     answer. ``weights``: optional per-sample vote weights (weighted maj@k).
 
     The value is the mean, over all ``k``-subsets of the samples (kept in sampling order, so
-    :func:`majority_vote`'s tie rule applies unchanged), of ``1[winner is correct]``; a subset
-    whose answers are all ``None`` counts as wrong. It is exact when ``C(n, k) <= exact_limit``
-    (all subsets enumerated) and otherwise a Monte Carlo estimate from ``num_samples`` uniform
-    random subsets drawn with ``random.Random(seed)`` -- deterministic for a given seed.
+    the tie rule of :func:`ttscale.tts.votes.majority_vote` applies unchanged), of
+    ``1[winner is correct]``; a subset whose answers are all ``None`` counts as wrong. It is
+    exact when ``C(n, k) <= exact_limit`` (all subsets enumerated) and otherwise a Monte Carlo
+    estimate from ``num_samples`` uniform random subsets drawn with ``random.Random(seed)`` --
+    deterministic for a given seed.
     ``maj@1`` is the fraction of correct samples and ``maj@n`` the vote over all samples.
     """
     n = len(answers)
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
-    _check_weights(n, weights)
+    check_weights(n, weights)
     is_correct = _correct_fn(correct)
 
     # Answers -> small ints (first-appearance order) so subset votes hash ints, not strings.
@@ -166,7 +105,7 @@ def maj_at_k(
 
     def hit(subset: Sequence[int]) -> bool:
         sub_w = None if weights is None else [weights[i] for i in subset]
-        winner, _ = _vote([keys[i] for i in subset], sub_w)
+        winner, _ = plurality([keys[i] for i in subset], sub_w)
         return winner is not None and good[winner]
 
     if k == 1:  # closed form: each sample alone wins its vote

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttscale.loader.errors import ModelLoadError
+from ttscale.errors import ModelLoadError
 
 
 def _onednn_available() -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ttscale.loader.errors import ModelLoadError
+from ttscale.errors import ModelLoadError
 from ttscale.threads import one_torch_thread
 
 # architecture name in config.json -> module:class. One family per file.

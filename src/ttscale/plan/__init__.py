@@ -18,7 +18,7 @@ See docs/PLANNER.md for the method and its assumptions.
 
 from ttscale.plan.bins import BinPlan, Option, difficulty_thresholds
 from ttscale.plan.costs import TokenTimeModel
-from ttscale.plan.curves import DEFAULT_EPSILON, Candidate, saturation_n
+from ttscale.plan.curves import DEFAULT_EPSILON, PlanCandidate, saturation_n
 from ttscale.plan.knapsack import knapsack
 from ttscale.plan.pilot_run import Pilot, PilotProblem, pilot
 from ttscale.plan.planner import DEFAULT_CANDIDATES, InfeasibleBudget, Plan, make_plan
@@ -31,12 +31,12 @@ __all__ = [
     "DEFAULT_EPSILON",
     "BinPlan",
     "BinValidation",
-    "Candidate",
     "InfeasibleBudget",
     "Option",
     "Pilot",
     "PilotProblem",
     "Plan",
+    "PlanCandidate",
     "Probe",
     "TokenTimeModel",
     "Validation",

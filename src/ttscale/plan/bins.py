@@ -13,7 +13,7 @@ from ttscale.eval.metrics import pass_at_k
 from ttscale.eval.summary import k_values
 from ttscale.plan.costs import TimeModel
 from ttscale.plan.curves import (
-    Candidate,
+    PlanCandidate,
     problem_accuracy,
     problem_ceiling,
     problem_seconds,
@@ -121,7 +121,7 @@ class Values:
 
     @classmethod
     def of(
-        cls, pilot: Pilot, candidates: Sequence[Candidate], model: TimeModel, seed: int
+        cls, pilot: Pilot, candidates: Sequence[PlanCandidate], model: TimeModel, seed: int
     ) -> Values:
         acc, sec, ceil = {}, {}, {}
         for c in candidates:
@@ -132,7 +132,7 @@ class Values:
 
 
 def static_options(
-    candidates: Sequence[Candidate], values: Values, w: Sequence[float]
+    candidates: Sequence[PlanCandidate], values: Values, w: Sequence[float]
 ) -> list[Option]:
     """The candidates' options on problems weighted by ``w`` (no probe)."""
     return [
@@ -154,7 +154,7 @@ def _curves(pilot: Pilot, weights: Sequence[float]) -> tuple[dict[str, float], d
     for k in k_values(pilot.n_samples):
         pass_k[str(k)] = weighted([pass_at_k(p.n, p.n_correct, k) for p in pilot.problems], weights)
         maj_k[str(k)] = weighted(
-            [problem_accuracy(p, Candidate(f"majority@{k}", k, k)) for p in pilot.problems],
+            [problem_accuracy(p, PlanCandidate(f"majority@{k}", k, k)) for p in pilot.problems],
             weights,
         )
     return pass_k, maj_k

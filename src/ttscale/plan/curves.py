@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ttscale.eval.metrics import MAJ_EXACT_LIMIT, MAJ_MC_SAMPLES, majority_vote, pass_at_k
+from ttscale.eval.metrics import MAJ_EXACT_LIMIT, MAJ_MC_SAMPLES, pass_at_k
 from ttscale.strategies import make_strategy
-from ttscale.strategies.base import parse_spec
+from ttscale.strategy_spec import parse_strategy_spec
+from ttscale.tts.votes import majority_vote
 
 if TYPE_CHECKING:
     from ttscale.plan.costs import TimeModel
@@ -33,7 +34,7 @@ MC_DRAWS = MAJ_MC_SAMPLES
 
 
 @dataclass(frozen=True)
-class Candidate:
+class PlanCandidate:
     """A strategy the plan may pick. ``k``: samples voted over when estimated from the pilot's
     samples (``majority@k``, ``sample`` = k 1); None when measured directly."""
 
@@ -59,29 +60,29 @@ def parse_candidates(
     n_samples: int,
     measured: Sequence[str] = (),
     max_extrapolation: int = MAX_EXTRAPOLATION,
-) -> list[Candidate]:
+) -> list[PlanCandidate]:
     """Validates candidate specs. ``majority@k`` / ``sample`` are estimated from the pilot's
     samples (extrapolated for ``n_samples < k <= max_extrapolation * n_samples``); any other
     strategy must be in ``measured`` (run directly by the pilot)."""
-    out: list[Candidate] = []
+    out: list[PlanCandidate] = []
     for spec in _specs(specs):
         make_strategy(spec)  # ValueError with the reason for a bad spec
-        name, n, _ = parse_spec(spec)
-        if name in ("majority", "sample"):
-            k = n or 1
+        parsed = parse_strategy_spec(spec)  # n is 1 for greedy and sample
+        if parsed.name in ("majority", "sample"):
+            k = parsed.n
             if k > max_extrapolation * n_samples:
                 raise ValueError(
                     f"{spec}: a pilot of {n_samples} samples extrapolates maj@k up to "
                     f"k = {max_extrapolation * n_samples}; sample more in the pilot"
                 )
-            out.append(Candidate(spec, k, k, extrapolated=k > n_samples))
+            out.append(PlanCandidate(spec, k, k, extrapolated=k > n_samples))
         else:
             if spec not in measured:
                 raise ValueError(
                     f"{spec} is not estimable from independent samples; the pilot must run it "
                     "directly (pilot(..., measure=[...]))"
                 )
-            out.append(Candidate(spec, None, 1 if name == "greedy" else n or 1))
+            out.append(PlanCandidate(spec, None, parsed.n))
     if not out:
         raise ValueError("no candidate strategy given")
     return out
@@ -92,7 +93,7 @@ def needs_measurement(specs: str | Sequence[str]) -> list[str]:
     out = []
     for spec in _specs(specs):
         make_strategy(spec)
-        if parse_spec(spec)[0] not in ("majority", "sample"):
+        if parse_strategy_spec(spec).name not in ("majority", "sample"):
             out.append(spec)
     return out
 
@@ -208,7 +209,7 @@ def pass_at_k_ext(n: int, c: int, k: int) -> float:
     return 1.0 - (1.0 - c / n) ** k
 
 
-def problem_accuracy(pp: PilotProblem, cand: Candidate, seed: int = 0) -> float:
+def problem_accuracy(pp: PilotProblem, cand: PlanCandidate, seed: int = 0) -> float:
     """Expected accuracy of ``cand`` on one pilot problem."""
     if cand.measured:
         return float(pp.direct[cand.spec].correct)
@@ -220,7 +221,7 @@ def problem_accuracy(pp: PilotProblem, cand: Candidate, seed: int = 0) -> float:
     return plugin_maj_at_k(pp.answers, pp.right_answers, k, seed=seed ^ _problem_key(pp))
 
 
-def problem_ceiling(pp: PilotProblem, cand: Candidate) -> float:
+def problem_ceiling(pp: PilotProblem, cand: PlanCandidate) -> float:
     """The oracle ceiling of ``cand``: pass@k (extended beyond n), or a measured strategy's
     coverage."""
     if cand.measured:
@@ -228,7 +229,7 @@ def problem_ceiling(pp: PilotProblem, cand: Candidate) -> float:
     return pass_at_k_ext(pp.n, pp.n_correct, cand.k or 1)
 
 
-def problem_seconds(pp: PilotProblem, cand: Candidate, model: TimeModel) -> float:
+def problem_seconds(pp: PilotProblem, cand: PlanCandidate, model: TimeModel) -> float:
     """Predicted cost of ``cand`` on one problem: majority@k = the prompt prefilled once + k
     samples of the problem's mean length; a measured strategy = its own tokens."""
     if cand.measured:
@@ -270,7 +271,7 @@ def saturation_n(
 __all__ = [
     "DEFAULT_EPSILON",
     "MAX_EXTRAPOLATION",
-    "Candidate",
+    "PlanCandidate",
     "maj_at_k_fair",
     "marginal_pass_gain",
     "needs_measurement",

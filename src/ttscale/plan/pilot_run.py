@@ -135,7 +135,7 @@ def run_wave(
     seconds)`` per problem. A chunk's wall time is split over its problems by the engine time
     charged to each, so the shares add up to the elapsed time."""
     from ttscale.strategies.api import make_query
-    from ttscale.strategies.session import Session, drive
+    from ttscale.tts.session import Session, drive
 
     if len(specs) != len(problems):
         raise ValueError(f"{len(specs)} strategies for {len(problems)} problems")

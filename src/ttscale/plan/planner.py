@@ -23,7 +23,7 @@ from ttscale.plan.bins import (
     weighted,
 )
 from ttscale.plan.costs import TimeModel, TokenTimeModel, pilot_time_model
-from ttscale.plan.curves import DEFAULT_EPSILON, MAX_EXTRAPOLATION, Candidate, parse_candidates
+from ttscale.plan.curves import DEFAULT_EPSILON, MAX_EXTRAPOLATION, PlanCandidate, parse_candidates
 from ttscale.plan.knapsack import choose, knapsack
 from ttscale.plan.pilot_run import Pilot
 from ttscale.plan.probe import Probe, probe_bins
@@ -277,7 +277,7 @@ def _cheapest(options: Sequence[Option]) -> float:
 
 
 def _notes(
-    pilot: Pilot, cands: Sequence[Candidate], routing: str, m: int, model: TimeModel
+    pilot: Pilot, cands: Sequence[PlanCandidate], routing: str, m: int, model: TimeModel
 ) -> list[str]:
     notes = [
         f"predictions are in-sample: curves, bins and the probe's calibration all come from the "

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from ttscale.eval.metrics import majority_vote
 from ttscale.plan.bins import (
     BinPlan,
     Option,
@@ -22,8 +21,9 @@ from ttscale.plan.bins import (
     weighted,
 )
 from ttscale.plan.costs import TimeModel
-from ttscale.plan.curves import MC_DRAWS, Candidate, _answer_ids, _problem_key, _rng, _vote_hits
+from ttscale.plan.curves import MC_DRAWS, PlanCandidate, _answer_ids, _problem_key, _rng, _vote_hits
 from ttscale.plan.pilot_run import Pilot, PilotProblem
+from ttscale.tts.votes import majority_vote
 
 
 def agreement(answers: Sequence[str | None]) -> int:
@@ -114,7 +114,7 @@ def calibrate_probe(
 
 def probe_bins(
     pilot: Pilot,
-    candidates: Sequence[Candidate],
+    candidates: Sequence[PlanCandidate],
     values: Values,
     model: TimeModel,
     thresholds: Sequence[float],

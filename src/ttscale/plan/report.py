@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ttscale.plan.bins import weighted
-from ttscale.strategies.base import parse_spec
+from ttscale.strategy_spec import parse_strategy_spec
 
 if TYPE_CHECKING:
     from ttscale.plan.bins import BinPlan
@@ -30,7 +30,7 @@ def strategy_label(plan: Plan, b: BinPlan) -> str:
     m = plan.probe.samples
     option = next((o for o in b.options if o.spec == b.chosen), None)
     if option is not None and option.continues_probe:
-        k = parse_spec(b.chosen)[1] or 1
+        k = parse_strategy_spec(b.chosen).n
         return f"{b.chosen} (probe vote)" if k <= m else f"{b.chosen} (probe + {k - m})"
     return f"{b.chosen} (after probe)"
 

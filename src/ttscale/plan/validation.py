@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ttscale.eval.metrics import majority_vote, wilson_interval
+from ttscale.eval.metrics import wilson_interval
 from ttscale.eval.store import jsonable
 from ttscale.plan.costs import TimeModel, plan_time_model
 from ttscale.plan.pilot_run import run_wave
 from ttscale.plan.probe import agreement
 from ttscale.sampling.params import SamplingParams
-from ttscale.strategies.base import parse_spec
+from ttscale.strategy_spec import parse_strategy_spec
+from ttscale.tts.votes import majority_vote
 
 if TYPE_CHECKING:
     from ttscale.llm import LLM
@@ -152,7 +153,8 @@ def validate(
     )
     todo: list[tuple[int, str, SamplingParams]] = []
     for i, spec in enumerate(strategies):
-        name, k, _ = parse_spec(spec)
+        parsed = parse_strategy_spec(spec)
+        name, k = parsed.name, parsed.n
         if probe_runs[i] is not None and name in ("majority", "sample"):
             extra = (k or 1) - len(probe_runs[i][0].candidates)  # type: ignore[index]
             if extra > 0:

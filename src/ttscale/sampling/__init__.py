@@ -1,3 +1,3 @@
-from ttscale.sampling.params import GREEDY, SamplingParams, SamplingParamsError
+from ttscale.sampling.params import GREEDY, SamplingParams
 
-__all__ = ["GREEDY", "SamplingParams", "SamplingParamsError"]
+__all__ = ["GREEDY", "SamplingParams"]

@@ -5,17 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ttscale.errors import SamplingParamsError
+
 MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 100.0
-
-
-class SamplingParamsError(ValueError):
-    """An impossible sampling parameter; `field` names it (the server maps it to the API's
-    `param`)."""
-
-    def __init__(self, field: str, value: object, why: str) -> None:
-        super().__init__(f"invalid sampling parameter {field}={value!r}: {why}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -111,4 +104,4 @@ class SamplingParams:
 # Default is greedy-free sampling at T=1, like vLLM; `GREEDY` is a convenience for tests and evals.
 GREEDY = SamplingParams(temperature=0.0)
 
-__all__ = ["GREEDY", "SamplingParams", "SamplingParamsError"]
+__all__ = ["GREEDY", "SamplingParams"]

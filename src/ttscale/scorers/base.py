@@ -12,7 +12,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ttscale.strategies.session import Branch, Session, Wait
+from ttscale.tts.session import Branch, Session, Wait
 
 AGGREGATIONS = ("min", "last", "product", "mean")
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Generator, Sequence
 
 from ttscale.scorers.base import ScoreContext
-from ttscale.strategies.session import Branch, Wait
+from ttscale.tts.session import Branch, Wait
 
 
 class MeanLogprobScorer:

@@ -9,7 +9,7 @@ from collections.abc import Generator, Sequence
 from ttscale.engine.llm_engine import LLMEngine
 from ttscale.sampling.params import SamplingParams
 from ttscale.scorers.base import ScoreContext
-from ttscale.strategies.session import Branch, Wait, run_prompts
+from ttscale.tts.session import Branch, Wait, run_prompts
 
 JUDGE_PROMPT = (
     "Here is a problem and a proposed solution.\n\nProblem: {question}\n\n"

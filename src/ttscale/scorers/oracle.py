@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Sequence
 
 from ttscale.scorers.base import ScoreContext
-from ttscale.strategies.session import Branch, Wait
+from ttscale.tts.session import Branch, Wait
 
 
 class OracleScorer:

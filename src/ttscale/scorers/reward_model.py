@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ttscale.loader.errors import ModelLoadError
+from ttscale.errors import ModelLoadError
 from ttscale.scorers.base import ScoreContext
-from ttscale.strategies.session import Branch, Wait
+from ttscale.tts.session import Branch, Wait
 
 
 class RewardModelScorer:

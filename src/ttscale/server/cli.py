@@ -50,9 +50,9 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
     import uvicorn
 
+    from ttscale.errors import ModelLoadError
     from ttscale.llm import LLM
     from ttscale.loader.default_model import DEFAULT_MODEL_NAME
-    from ttscale.loader.errors import ModelLoadError
     from ttscale.server.app import create_app
     from ttscale.server.config import ServerConfig, model_names
 

@@ -110,7 +110,7 @@ class _Call:
 
 @dataclass
 class _Job:
-    """A strategy generator (see ttscale.strategies.session): advanced between engine steps,
+    """A strategy generator (see ttscale.tts.session): advanced between engine steps,
     so its branches batch with every other request."""
 
     gen: Generator[Any, None, Any]

@@ -29,8 +29,9 @@ async def run_strategy_request(
     offered: the answer is known only when the search ends.
     """
     from ttscale.scorers import load_scorer
-    from ttscale.strategies import Query, Session, make_strategy
+    from ttscale.strategies import Query, make_strategy
     from ttscale.tasks.answers import extract_answer
+    from ttscale.tts.session import Session
 
     if job.stream:
         raise APIError(400, "stream is not supported with a ttscale strategy", param="stream")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ttscale.errors import PromptTooLongError
+from ttscale.errors import PromptTooLongError, SamplingParamsError
 from ttscale.llm import LLM
-from ttscale.sampling.params import SamplingParams, SamplingParamsError
+from ttscale.sampling.params import SamplingParams
 from ttscale.server.config import ServerConfig
 from ttscale.server.errors import APIError
 from ttscale.server.protocol import ChatCompletionRequest, CompletionRequest

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from scipy.stats import beta
 
-from ttscale.eval.metrics import majority_vote
 from ttscale.strategies.base import Query, SolveGen, Strategy
-from ttscale.strategies.session import Session
+from ttscale.tts.session import Session
+from ttscale.tts.votes import majority_vote
 
 
 class AdaptiveConsistency(Strategy):

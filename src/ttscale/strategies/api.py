@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 from ttscale.llm import LLM
 from ttscale.sampling.params import SamplingParams
 from ttscale.scorers import Scorer, load_scorer
-from ttscale.strategies import Query, SearchConfig, Session, StrategyResult, drive, make_strategy
+from ttscale.strategies import Query, SearchConfig, StrategyResult, make_strategy
 from ttscale.tasks import answers
+from ttscale.tts.session import Session, drive
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=256, seed=0)
 DEFAULT_INSTRUCTION = "Think step by step, then give the final answer on a line 'Answer: <value>'."

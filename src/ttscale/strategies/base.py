@@ -1,15 +1,15 @@
-"""The shared interface of test-time scaling strategies, and their spec strings."""
+"""The shared interface of test-time scaling strategies (their spec strings are parsed by
+`ttscale.strategy_spec`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from ttscale.sampling.params import SamplingParams
 from ttscale.scorers.base import ScoreContext, Scorer, aggregate, path_scores
-from ttscale.strategies.session import Branch, Session, SessionStats, Wait
+from ttscale.tts.session import Branch, Session, SessionStats, Wait
 
 
 @dataclass(frozen=True)
@@ -175,18 +175,3 @@ class Strategy:
             stats=stats,
             extra=dict(extra),
         )
-
-
-_SPEC = re.compile(r"^(?P<name>[a-z]+)(?:@(?P<n>\d+)(?:/(?P<m>\d+))?)?$")
-
-
-def parse_spec(spec: str) -> tuple[str, int | None, int | None]:
-    """`majority@16` -> ("majority", 16, None); `beam@16/4` -> ("beam", 16, 4)."""
-    match = _SPEC.match(spec.strip())
-    if not match:
-        raise ValueError(f"bad strategy spec {spec!r}: expected NAME, NAME@N or NAME@N/M")
-    n = int(match["n"]) if match["n"] else None
-    m = int(match["m"]) if match["m"] else None
-    if (n is not None and n < 1) or (m is not None and m < 1):
-        raise ValueError(f"bad strategy spec {spec!r}: N and M must be >= 1")
-    return match["name"], n, m

@@ -9,8 +9,9 @@ kept: beams are sampled, then selected by a verifier.
 
 from __future__ import annotations
 
+from ttscale.errors import StrategySpecError
 from ttscale.strategies.base import Query, SolveGen, Strategy
-from ttscale.strategies.session import Branch, Session
+from ttscale.tts.session import Branch, Session
 
 
 class LevelSearch(Strategy):
@@ -55,7 +56,7 @@ class _WidthSplit(Strategy):
     def __init__(self, spec: str, n: int, m: int) -> None:
         super().__init__(spec)
         if n % m:
-            raise ValueError(f"{spec}: N must be a multiple of M")
+            raise StrategySpecError(f"strategy {spec!r}: N must be a multiple of M")
         self.n, self.m = n, m
 
 

@@ -25,7 +25,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ttscale.strategies.base import Query
 from ttscale.strategies.search import LevelSearch
-from ttscale.strategies.session import Branch
+from ttscale.tts.session import Branch
 
 
 class KVAwareTreeSearch(LevelSearch):

@@ -3,9 +3,9 @@ consistency, Wang et al. 2022), weighted@N (score-weighted vote), bon@N (best-of
 
 from __future__ import annotations
 
-from ttscale.eval.metrics import majority_vote
 from ttscale.strategies.base import Query, SolveGen, Strategy
-from ttscale.strategies.session import Session
+from ttscale.tts.session import Session
+from ttscale.tts.votes import majority_vote
 
 
 class SampleThenSelect(Strategy):

@@ -174,17 +174,13 @@ class Session:
             step_logprobs=list(seq.logprobs),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-            kv_blocks=self._blocks(seq.seq_id),
+            kv_blocks=self.engine.held_blocks(seq.seq_id),
         )
-
-    def _blocks(self, seq_id: int) -> frozenset[int]:
-        bm = self.engine.block_manager
-        return frozenset(bm.block_table(seq_id)) if bm.has_seq(seq_id) else frozenset()
 
     def _track_kv(self) -> None:
         held: set[int] = set()
         for seq_id in self._live:
-            held |= self._blocks(seq_id)
+            held |= self.engine.held_blocks(seq_id)
         self.stats.peak_kv_blocks = max(self.stats.peak_kv_blocks, len(held))
 
 
