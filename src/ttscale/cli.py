@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ttscale.errors import ModelLoadError
 from ttscale.sampling.params import SamplingParams
@@ -149,6 +153,56 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+# Packages outside the core install, and the extra that brings each (pyproject.toml). The
+# subsystems' CLI modules import only typer and rich at the top, so every command is listed
+# and `generate` / `chat` run without them. (pydantic is in [server] too, but recent typer
+# releases depend on it, so it is always there.)
+EXTRA_OF = {
+    "fastapi": "server",
+    "starlette": "server",
+    "uvicorn": "server",
+    "prometheus_client": "server",
+    "reasoning_gym": "eval",
+    "matplotlib": "eval",
+}
+# What a command needs whatever its arguments, checked before it starts: `eval` plots only
+# at the end, and a missing matplotlib should not cost a whole run to find out.
+NEEDS = {
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "eval": ("matplotlib",),
+}
+
+
+def _missing(command: str, module: str) -> NoReturn:
+    err.print(
+        f"[red]error:[/red] `ttscale {command}` needs {module}, which is not installed: "
+        + escape(f"pip install 'ttscale[{EXTRA_OF[module]}]'")  # [..] is not rich markup
+    )
+    raise typer.Exit(2)
+
+
+def _needs_extras(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command`, answering a missing optional package with the extra that installs it (a
+    gym task without reasoning-gym is found only when the task loads, hence the except)."""
+
+    @functools.wraps(command)  # typer reads the options from the wrapped signature
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for module in NEEDS.get(name, ()):
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError:
+                _missing(name, module)
+        try:
+            return command(*args, **kwargs)
+        except ModuleNotFoundError as e:
+            root = (e.name or "").partition(".")[0]
+            if root not in EXTRA_OF:
+                raise
+            _missing(name, root)
+
+    return run
+
+
 def _register_subsystem_commands() -> None:
     """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
     from ttscale.calibration.cli import calibrate_cmd
@@ -157,16 +211,16 @@ def _register_subsystem_commands() -> None:
     from ttscale.plan.cli import plan_cmd
     from ttscale.server.cli import serve
 
-    app.command("cost", help="Predict a run's cost on some hardware without running it.")(cost)
-    app.command("calibrate", help="Measure this machine's FLOP/s and memory bandwidth.")(
-        calibrate_cmd
-    )
-    app.command("serve", help="OpenAI-compatible HTTP server.")(serve)
-    app.command("eval", help="Compare strategies on a task: table, JSONL, Pareto plot.")(eval_cmd)
-    app.command("solve", help="Answer one question with a strategy; show votes and cost.")(
-        solve_cmd
-    )
-    app.command("plan", help="Plan test-time compute per difficulty within a budget.")(plan_cmd)
+    commands = {
+        "cost": (cost, "Predict a run's cost on some hardware without running it."),
+        "calibrate": (calibrate_cmd, "Measure this machine's FLOP/s and memory bandwidth."),
+        "serve": (serve, "OpenAI-compatible HTTP server."),
+        "eval": (eval_cmd, "Compare strategies on a task: table, JSONL, Pareto plot."),
+        "solve": (solve_cmd, "Answer one question with a strategy; show votes and cost."),
+        "plan": (plan_cmd, "Plan test-time compute per difficulty within a budget."),
+    }
+    for name, (command, help_text) in commands.items():
+        app.command(name, help=help_text)(_needs_extras(name, command))
 
 
 _register_subsystem_commands()
