@@ -26,8 +26,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # `LLM` alone is loaded on first use (PEP 562), not to dodge a cycle but for speed: every
     # `import ttscale.<anything>` runs this file, and the engine behind `LLM` pulls in torch
-    # and transformers' tokenizer stack (~2.5 s), which `ttscale --help`, the cost model and
-    # the light modules must not pay for.
+    # and transformers' tokenizer stack (seconds: docs/BENCHMARKS.md), which `ttscale --help`,
+    # the cost model and the light modules must not pay for.
     if name == "LLM":
         from ttscale.llm import LLM
 

@@ -225,7 +225,7 @@ def _parse_header(buf: mmap.mmap) -> tuple[dict[str, Any], list[tuple], int]:
             return list(unpack(f"{count}{_SCALAR_FORMATS[item_type]}"))
         if item_type != _STRING:
             raise ValueError(f"unsupported metadata array of type {item_type}")
-        for _ in range(count):  # only lengths matter here; a plain loop keeps it ~10 ms
+        for _ in range(count):  # only lengths matter here; a plain loop is cheap enough
             pos += 8 + _U64.unpack_from(buf, pos)[0]
         if pos > len(buf):
             raise ValueError("a string array runs past the end of the file")

@@ -21,11 +21,11 @@ class Linear(nn.Module):
 
     Why: at the batch sizes of parallel sampling (4-64 rows), MKL's sgemm behind `F.linear`
     is far from memory-bound; oneDNN with a pre-packed ("blocked") weight runs the same
-    products 1.8x (64 rows) to 4.6x (4 rows) faster on this 2-core AVX-512 machine with 2
-    threads, at the same memory (benchmarks/bench_linear.py, docs/BENCHMARKS.md). It is what
-    torch.compile's CPU freezing pass uses.
-    Without oneDNN, W is stored transposed and `x @ W_t` is used (2x faster than `F.linear`
-    for one row). On CUDA, cuBLAS needs neither: `F.linear`.
+    products several times faster at the same memory (benchmarks/bench_linear.py; figures in
+    docs/BENCHMARKS.md, "Why the matmuls go through oneDNN"). It is what torch.compile's CPU
+    freezing pass uses.
+    Without oneDNN, W is stored transposed and `x @ W_t` is used (faster than `F.linear` for
+    one row, same table). On CUDA, cuBLAS needs neither: `F.linear`.
 
     `weight` keeps the checkpoint's (out, in) shape until `pack()`, so loading and shape
     checks follow the checkpoint's names and layout.
