@@ -43,7 +43,7 @@ from ttscale.cost.steptime import StepTimeModel
 def predictions(llm: LLM, step: StepShape, hw: Hardware, step_model: StepTimeModel) -> tuple:
     """(roofline seconds, its bound, step-model seconds) of one step."""
     meter = llm.engine.cost_meter
-    cost = step_cost(meter.shape, step, meter.bytes_per_value, meter.bytes_per_value)
+    cost = step_cost(meter.shape, step, meter.bytes_per_value, meter.kv_bytes_per_value)
     roofline = roofline_time(cost, hw, meter.dtype)
     return roofline, bound(cost, hw, meter.dtype), step_model.predict(step)
 
@@ -76,15 +76,15 @@ def measure_decode(
         engine.step()
     times, roofline, bounds, predicted, sizes = [], [], [], [], []
     for _ in range(steps):
-        batch_out = engine.scheduler.schedule()
-        t0 = time.perf_counter()
-        logits = engine.runner.run(batch_out)
-        elapsed = time.perf_counter() - t0
-        step = engine.runner.last_step
-        engine._update(batch_out, logits)
+        # The executor's time only (stats["model_time"]), not scheduling and sampling.
+        before = engine.stats["model_time"]
+        engine.step()
+        elapsed = engine.stats["model_time"] - before
+        step = engine.last_step
+        assert step is not None
         r, b, p = predictions(llm, step, hw, step_model)
         times.append(elapsed)
-        sizes.append(len(batch_out.seqs))
+        sizes.append(len(step.query_lens))
         roofline.append(r)
         bounds.append(b)
         predicted.append(p)
@@ -109,14 +109,13 @@ def measure_prefill(
         engine.reset_prefix_cache()
         prompt = torch.randint(100, vocab, (tokens,), generator=torch.Generator().manual_seed(r))
         engine.add_request("pf", prompt.tolist(), SamplingParams(max_tokens=1))
-        batch_out = engine.scheduler.schedule()
-        t0 = time.perf_counter()
-        logits = engine.runner.run(batch_out)
-        times.append(time.perf_counter() - t0)
-        r_s, _, p_s = predictions(llm, engine.runner.last_step, hw, step_model)
+        before = engine.stats["model_time"]
+        engine.step()  # the whole prompt in one chunk: tokens <= max_num_batched_tokens
+        times.append(engine.stats["model_time"] - before)
+        assert engine.last_step is not None and engine.last_step.num_tokens == tokens
+        r_s, _, p_s = predictions(llm, engine.last_step, hw, step_model)
         roofline.append(r_s)
         predicted.append(p_s)
-        engine._update(batch_out, logits)
         engine.abort("pf")
     return {
         "measured_s": statistics.median(times),
@@ -135,7 +134,7 @@ def measure_run(
     meter = engine.cost_meter
     est = estimate(
         meter.shape, prompt_len, gen_len, n, hw, dtype=meter.dtype,
-        block_size=engine.runner.config.block_size, step_model=step_model,
+        block_size=engine.block_size, step_model=step_model,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(n * 7 + prompt_len)
     prompt = torch.randint(100, llm.config.vocab_size, (prompt_len,), generator=gen).tolist()

@@ -6,7 +6,7 @@ Two measurements, on an idle engine:
      so the weights stream from memory as in a real step (one block's weights would sit in
      cache and flatter the small-row times); from 256 rows a GEMM is compute-bound and two
      blocks suffice.
-  2. Calibration steps: synthetic batches run through `ModelRunner.run` (decode with
+  2. Calibration steps: synthetic batches run through the engine's executor (decode with
      independent sequences, decode of fork groups that share a prefix, prefill chunks with
      and without past context), each timed as the median of a few repetitions. Their block
      tables point at pool blocks filled with random KV, so no prefill is needed to set up a
@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ttscale.attention.paged import KVCache
 from ttscale.cost.hardware import local_profile_name
 from ttscale.cost.shapes import StepShape
 from ttscale.cost.steptime import (
@@ -42,6 +41,7 @@ from ttscale.cost.steptime import (
     fit_overheads,
 )
 from ttscale.engine.scheduler import ScheduledSeq, SchedulerOutput
+from ttscale.kvcache import KVCache
 from ttscale.models.layers import Linear
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def measure_row_tables(model: torch.nn.Module, reps: int = 5) -> tuple[RowTable,
 
 
 def synthetic_steps(
-    block_size: int, num_blocks: int, max_context: int, max_tokens: int, vocab_size: int
+    block_size: int, num_blocks: int, max_context: int, vocab_size: int
 ) -> list[SyntheticStep]:
     """The calibration batches that fit a pool of `num_blocks` blocks and the model's context.
 
@@ -139,9 +139,7 @@ def synthetic_steps(
         if c > max_context or b * blocks_for(c) > num_blocks:
             continue
         n = blocks_for(c)
-        seqs = [
-            ScheduledSeq(i, [token], c - 1, list(range(i * n, (i + 1) * n)), True) for i in range(b)
-        ]
+        seqs = [ScheduledSeq(i, [token], c - 1, list(range(i * n, (i + 1) * n))) for i in range(b)]
         steps.append(SyntheticStep(f"decode B={b} C={c} independent", seqs))
     for b, c in DECODE_SHARED:
         suffix = block_size // 2 + 1
@@ -155,15 +153,13 @@ def synthetic_steps(
         seqs = []
         for i in range(b):
             first = prefix_blocks + i * tail
-            seqs.append(
-                ScheduledSeq(i, [token], c - 1, shared + list(range(first, first + tail)), True)
-            )
+            seqs.append(ScheduledSeq(i, [token], c - 1, shared + list(range(first, first + tail))))
         steps.append(SyntheticStep(f"decode B={b} C={c} shared", seqs))
     for t, past in PREFILL:
         c = past + t
-        if c > max_context or t > max_tokens or blocks_for(c) > num_blocks:
+        if c > max_context or blocks_for(c) > num_blocks:
             continue
-        seqs = [ScheduledSeq(0, [token] * t, past, list(range(blocks_for(c))), True)]
+        seqs = [ScheduledSeq(0, [token] * t, past, list(range(blocks_for(c))))]
         steps.append(SyntheticStep(f"prefill T={t} past={past}", seqs))
     return steps
 
@@ -178,12 +174,21 @@ def calibrate_engine(
     """Calibrate the step-time model on an idle `LLMEngine` (no requests in flight);
     `model_name` names it (default: the architecture).
 
-    Scribbles random KV over the pool, so the prefix cache is dropped before and after.
+    Synthetic batches go straight to `engine.executor` (the scheduler never sees them).
+    Scribbles random KV over the pool, so the prefix cache is dropped before and after; that
+    needs an executor whose pool lives in this process (`kv_cache`, as `ModelRunner`'s).
     """
     if engine.requests or engine.has_unfinished:
         raise RuntimeError("calibrate the step-time model on an idle engine (requests in flight)")
-    runner = engine.runner
-    model = runner.model
+    executor = engine.executor
+    kv_cache = getattr(executor, "kv_cache", None)
+    if not isinstance(kv_cache, KVCache):
+        raise RuntimeError(
+            f"step-time calibration times the in-process executor; {type(executor).__name__} "
+            "has no local KV pool"
+        )
+    model = engine.model
+    block_size = engine.block_size
     meter = engine.cost_meter
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -192,25 +197,22 @@ def calibrate_engine(
         say("row tables: matmuls at 1..2048 rows")
         layer_linear, lm_head = measure_row_tables(model, max(reps, 5))
         steps = synthetic_steps(
-            runner.config.block_size,
-            runner.num_blocks,
+            block_size,
+            executor.num_blocks,
             getattr(model.config, "max_position_embeddings", None) or 1 << 30,
-            engine.scheduler.config.max_num_batched_tokens,
             model.config.vocab_size,
         )
         if len(steps) < 6:
             raise RuntimeError(
-                f"only {len(steps)} calibration steps fit this KV pool ({runner.num_blocks} "
+                f"only {len(steps)} calibration steps fit this KV pool ({executor.num_blocks} "
                 "blocks) and context: give the engine a larger kv_cache_gb"
             )
-        _fill_random_kv(runner.kv_cache, steps, runner.config.block_size)
+        _fill_random_kv(kv_cache, steps, block_size)
         shapes: dict[int, StepShape] = {}
 
         def step_run(i: int, batch: SchedulerOutput) -> Callable[[], None]:
             def run() -> None:
-                runner.run(batch)
-                assert runner.last_step is not None
-                shapes[i] = runner.last_step
+                shapes[i] = executor.execute(batch).shape
 
             return run
 
@@ -230,14 +232,14 @@ def calibrate_engine(
     tables_only = StepTimeModel(
         shape=dataclasses.replace(meter.shape, name=model_name or meter.shape.name),
         dtype=meter.dtype,
-        kv_bytes=meter.bytes_per_value,
+        kv_bytes=meter.kv_bytes_per_value,
         threads=torch.get_num_threads(),
         layer_linear=layer_linear,
         lm_head=lm_head,
         coefficients=dict.fromkeys(FEATURES, 0.0),
         machine=local_profile_name(),
     )
-    fit = fit_overheads(meter.shape, meter.bytes_per_value, measured, tables_only.linear_time)
+    fit = fit_overheads(meter.shape, meter.kv_bytes_per_value, measured, tables_only.linear_time)
     date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     model_fit = dataclasses.replace(
         tables_only,

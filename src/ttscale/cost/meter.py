@@ -19,17 +19,23 @@ from ttscale.models.config import ModelConfig
 
 class CostMeter:
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, hardware: Hardware | None = None
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        hardware: Hardware | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: the weights'; `kv_dtype`: the KV pool's (default: the weights')."""
         self.shape = ModelShape.from_model_config(config)
-        self.bytes_per_value = dtype.itemsize  # weights and KV are stored in the model dtype
+        self.bytes_per_value = dtype.itemsize  # weights, streamed once per step
+        self.kv_bytes_per_value = (kv_dtype or dtype).itemsize
         self.dtype = {torch.float32: "fp32"}.get(dtype, "bf16")
         self.hardware = hardware
         self.total = RunCost()
 
     def price(self, step: StepShape, measured: float) -> tuple[StepCost, RunCost]:
-        """Prices a step as the model runner reports it (`ModelRunner.last_step`)."""
-        cost = step_cost(self.shape, step, self.bytes_per_value, self.bytes_per_value)
+        """Prices a step as the executor reports it (`StepResult.shape`)."""
+        cost = step_cost(self.shape, step, self.bytes_per_value, self.kv_bytes_per_value)
         run = RunCost(flops=cost.flops, bytes=cost.bytes, measured_time=measured)
         if self.hardware is not None:
             run.efflops = efflops(cost, self.hardware, self.dtype)
