@@ -49,7 +49,8 @@ def test_judge_reads_p_yes_from_logits(llm):
     expected = p_yes / (p_yes + p_no) if p_yes + p_no else 0.5
     assert scores[0] == pytest.approx(expected, abs=1e-6)
     assert not llm.engine.requests
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    kv = llm.engine.kv_stats()
+    assert kv["num_free_blocks"] == kv["num_blocks"]
 
 
 def make_reward_model(path, num_labels=1):

@@ -40,9 +40,9 @@ def llm(tmp_path_factory):
 
 
 def assert_pool_full(llm: LLM) -> None:
-    bm = llm.engine.block_manager
-    bm.check_integrity()
-    assert bm.num_free_blocks == bm.num_blocks
+    llm.engine.check_integrity()
+    kv = llm.engine.kv_stats()
+    assert kv["num_free_blocks"] == kv["num_blocks"]
     assert not llm.engine.requests
 
 
@@ -95,7 +95,7 @@ def test_beam_search_forks_allocate_only_new_blocks(llm):
     session = Session(engine, q.prompt_token_ids)
     step = strategy.step_params(q)
     roots = drive(engine, [session.sample(4, step, retain=True)])[0]
-    before = bm.num_used_blocks
+    before = engine.kv_stats()["num_used_blocks"]
     shared = set().union(*(r.kv_blocks for r in roots))
     assert before == len(shared)  # roots share the prompt blocks; nothing duplicated
     session.drop(roots[2:])
@@ -103,7 +103,7 @@ def test_beam_search_forks_allocate_only_new_blocks(llm):
     for child in children:
         parent = child.parent
         # A child keeps every full block of its parent's path...
-        full = (len(parent.token_ids) - 1) // bm.block_size
+        full = (len(parent.token_ids) - 1) // engine.block_size
         assert (
             list(child.kv_blocks) and set(bm.block_table(child.seq_id)[:full]) <= parent.kv_blocks
         )
@@ -111,7 +111,7 @@ def test_beam_search_forks_allocate_only_new_blocks(llm):
     new = set().union(*(c.kv_blocks for c in children)) - shared
     own = sum(len(bm.block_table(c.seq_id)) - (len(c.parent.token_ids) - 1) // 4 for c in children)
     assert len(new) <= own
-    bm.check_integrity()
+    engine.check_integrity()
     session.close()
     assert_pool_full(llm)
 
