@@ -1,0 +1,134 @@
+"""Training a probe head on pooled hidden states: logistic regression or a 1-hidden-layer MLP,
+pointwise (BCE) or pairwise within a problem (a correct candidate should outscore a wrong one
+of the *same* problem: RankNet's logistic pair loss), full-batch Adam on CPU in seconds.
+
+Splits are by problem (:func:`group_folds`): candidates of one problem are never on both sides,
+or a probe that memorizes problems would look like one that ranks candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+HEADS = ("logreg", "mlp")
+LOSSES = ("bce", "pairwise", "both")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head: str = "logreg"
+    loss: str = "pairwise"
+    hidden: int = 64  # MLP width
+    epochs: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {self.head!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.epochs < 1 or self.hidden < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("epochs, hidden and lr must be positive, weight_decay >= 0")
+
+
+class ProbeHead(nn.Module):
+    """Standardization (train-set mean/std, kept as buffers so they ship with the weights)
+    followed by a linear map or a 1-hidden-layer MLP to one logit. Input ``(N, D)``."""
+
+    def __init__(self, dim: int, head: str = "logreg", hidden: int = 64) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+        self.head = head
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        if head == "logreg":
+            self.net = nn.Sequential(nn.Linear(dim, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.float() - self.mean) / self.std).squeeze(-1)  # (N,)
+
+
+def within_pairs(labels: np.ndarray, groups: np.ndarray) -> torch.Tensor:
+    """All (correct, wrong) index pairs inside each problem: ``(P, 2)`` int64."""
+    pairs = []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        pos, neg = idx[labels[idx]], idx[~labels[idx]]
+        if len(pos) and len(neg):
+            pairs.append(np.stack(np.meshgrid(pos, neg, indexing="ij"), -1).reshape(-1, 2))
+    if not pairs:
+        return torch.zeros((0, 2), dtype=torch.long)
+    return torch.from_numpy(np.concatenate(pairs)).long()
+
+
+def train_head(
+    x: torch.Tensor, labels: np.ndarray, groups: np.ndarray, config: TrainConfig
+) -> ProbeHead:
+    """A head fitted on ``x`` ``(N, D)``; ``labels`` bool ``(N,)``, ``groups`` problem ids
+    ``(N,)``. Deterministic for a given seed."""
+    torch.manual_seed(config.seed)
+    x = x.float()
+    labels = np.asarray(labels, dtype=bool)
+    model = ProbeHead(x.shape[1], config.head, config.hidden)
+    model.mean.copy_(x.mean(0))
+    model.std.copy_(x.std(0).clamp_min(1e-4))
+    y = torch.from_numpy(labels.astype(np.float32))
+    pairs = within_pairs(labels, np.asarray(groups))
+    use_pairs = config.loss in ("pairwise", "both") and len(pairs) > 0
+    use_bce = config.loss in ("bce", "both") or not use_pairs
+    # Class balance for BCE: correct candidates are a minority on hard tasks.
+    n_pos = float(y.sum())
+    pos_weight = torch.tensor((len(y) - n_pos) / max(n_pos, 1.0))
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    for _ in range(config.epochs):
+        opt.zero_grad()
+        s = model(x)
+        loss = torch.zeros(())
+        if use_bce:
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(
+                s, y, pos_weight=pos_weight
+            )
+        if use_pairs:
+            loss = loss + nn.functional.softplus(s[pairs[:, 1]] - s[pairs[:, 0]]).mean()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def group_folds(groups: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` disjoint sets of problem ids covering every problem: fold ``i`` is validation,
+    the rest training. Problems, not candidates, are shuffled and dealt."""
+    uniq = np.unique(groups)
+    if len(uniq) < k:
+        raise ValueError(f"{len(uniq)} problems cannot make {k} folds")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(uniq)
+    return [perm[i::k] for i in range(k)]
+
+
+def cross_val_scores(
+    x: torch.Tensor,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    config: TrainConfig,
+    folds: Sequence[np.ndarray],
+) -> np.ndarray:
+    """Out-of-fold scores: each candidate scored by a head that never saw its problem."""
+    scores = np.zeros(len(labels), dtype=np.float64)
+    for fold in folds:
+        val = np.isin(groups, fold)
+        head = train_head(x[~val], labels[~val], groups[~val], config)
+        with torch.no_grad():
+            scores[val] = head(x[val]).numpy()
+    return scores
