@@ -32,10 +32,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("llm", "__init__"),
     ("tasks",),
     ("tts",),
+    # The probe verifier: trained from engine samples and task labels, applied by a scorer.
+    ("verifier",),
     ("scorers",),
     ("strategies",),
     ("calibration",),
-    ("verifier",),
     ("eval",),
     ("plan",),
     ("server",),
