@@ -178,3 +178,20 @@ def test_executor_seam_carries_the_step(model_dir):
     llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert seen[0] == (3, 1, 1) and all(s == (1, 1, 1) for s in seen[1:])
     assert engine.last_step is not None
+
+
+def test_kv_pool_dtype_is_independent_of_the_weights(model_dir):
+    """fp32 weights over a bf16 KV pool: the pool stores bf16, the cost model prices bf16 KV,
+    and hidden states stay close to the fp32-KV run (bf16 rounding of K/V only)."""
+    fp32 = make_llm(model_dir)
+    bf16_kv = make_llm(model_dir, kv_dtype="bfloat16")
+    assert bf16_kv.engine.executor.kv_cache.dtype == torch.bfloat16
+    assert next(bf16_kv.engine.model.parameters()).dtype == torch.float32
+    a = fp32.hidden_states(PROMPTS, [2])
+    b = bf16_kv.hidden_states(PROMPTS, [2])
+    for x, y in zip(a, b, strict=True):
+        assert (x - y).abs().max() / x.abs().max() < 2e-2
+    out = bf16_kv.generate([PROMPTS[0]], GREEDY)[0]
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+    assert bf16_kv.engine.cost_meter.kv_bytes_per_value == 2
+    assert_pool_full(bf16_kv)

@@ -63,7 +63,9 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
         dtype = next(model.parameters()).dtype
-        self.cost_meter = CostMeter(model.config, dtype, hardware)
+        self.cost_meter = CostMeter(
+            model.config, dtype, hardware, kv_dtype=cache_config.pool_dtype(dtype)
+        )
         # A sequence longer than the pool could never run, even alone: cap it.
         pool_tokens = self.executor.num_blocks * cache_config.block_size
         limit = min(max_model_len or model.config.max_position_embeddings, pool_tokens)
