@@ -173,16 +173,20 @@ class PagedAttention(PagedAttentionBase):
         S = layout.suffix_width
         # GQA without repeating KV: the g query heads of one KV head act as g query rows.
         qg = q.view(B, kvh, g, D)
-        keys = self._gather(k_pool, layout.suffix_gather).view(B, S, kvh, D).transpose(1, 2)
-        values = self._gather(v_pool, layout.suffix_gather).view(B, S, kvh, D).transpose(1, 2)
+        keys = (
+            self._gather(k_pool, layout.suffix_gather, q.dtype).view(B, S, kvh, D).transpose(1, 2)
+        )
+        values = (
+            self._gather(v_pool, layout.suffix_gather, q.dtype).view(B, S, kvh, D).transpose(1, 2)
+        )
         # (B, KVH, G, D), (B, KVH, G)
         out, lse = self._attend(qg, keys, values, layout.suffix_bias, spec)
         for rows, slots in layout.groups:
             # Prefix read once for the group: its R*g queries per KV head in one pass.
             R = rows.shape[0]
             qp = qg[rows].transpose(0, 1).reshape(1, kvh, R * g, D)
-            kp = self._gather(k_pool, slots).transpose(0, 1).unsqueeze(0)  # (1, KVH, P, D)
-            vp = self._gather(v_pool, slots).transpose(0, 1).unsqueeze(0)
+            kp = self._gather(k_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # (1, KVH, P, D)
+            vp = self._gather(v_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             op, lsep = self._attend(qp, kp, vp, None, spec)
             op = op.view(kvh, R, g, D).transpose(0, 1)  # (R, KVH, G, D)
             lsep = lsep.view(kvh, R, g).transpose(0, 1)  # (R, KVH, G)
@@ -194,10 +198,13 @@ class PagedAttention(PagedAttentionBase):
             out[rows] = out[rows] * weight_s + op * weight_p
         return out.reshape(B, H, D).to(q.dtype)
 
-    def _gather(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """(len(slots), KVH, D) rows of `pool` (`index_select`: several times faster on CPU
-        than advanced indexing)."""
-        return pool.index_select(0, slots)
+    def _gather(self, pool: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(len(slots), KVH, D) rows of `pool` in the compute dtype (`index_select`: several
+        times faster on CPU than advanced indexing). The pool's dtype may differ from the
+        weights' (CacheConfig.kv_dtype): rows are converted after the gather, so only the
+        rows read are."""
+        rows = pool.index_select(0, slots)
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
     # Below this many keys, many tiny (batch, head) problems run faster as batched matmuls
     # than through the flash kernel's per-problem set-up; from about this many, flash wins
@@ -215,6 +222,8 @@ class PagedAttention(PagedAttentionBase):
         """Softmax attention without masking beyond `bias`: q (N, Hk, M, D), k and v
         (N, Hk, S, D) -> fp32 output (N, Hk, M, D) and log-sum-exp of the scores (N, Hk, M),
         which lets partial softmaxes over disjoint keys be merged."""
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
         if self.fused and spec.soft_cap is None and k.shape[-2] >= self.FLASH_MIN_KEYS:
             out, lse = _CPU_FLASH(q, k, v, attn_mask=bias, scale=spec.scale)
             return out.float(), lse.float()
@@ -242,8 +251,10 @@ class PagedAttention(PagedAttentionBase):
         for i in self.prefill:
             start, q_len, ctx_len = starts[i], self.meta.query_lens[i], self.meta.context_lens[i]
             slots = self.meta.context_slots(i, q.device)
-            keys = self._gather(k_pool, slots).transpose(0, 1).unsqueeze(0)  # (1, KVH, S, D)
-            values = self._gather(v_pool, slots).transpose(0, 1).unsqueeze(0)
+            keys = (
+                self._gather(k_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            )  # (1, KVH, S, D)
+            values = self._gather(v_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             qi = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
             if spec.soft_cap is not None:
                 o = self._prefill_soft_capped(qi, keys, values, q_len, ctx_len, spec)
