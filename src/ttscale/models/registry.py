@@ -17,16 +17,59 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "ttscale.models.qwen3:Qwen3ForCausalLM",
 }
 
+# Reward models: a score head on one of the decoders above (models/reward.py), run by the
+# engine without sampling. architecture -> (module:class, the causal family of its decoder).
+# Kept apart so nothing that needs a causal LM (LLM, the cost model) accepts one.
+REWARD_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForSequenceClassification": (
+        "ttscale.models.reward:LlamaForSequenceClassification",
+        "LlamaForCausalLM",
+    ),
+    "Qwen2ForSequenceClassification": (
+        "ttscale.models.reward:Qwen2ForSequenceClassification",
+        "Qwen2ForCausalLM",
+    ),
+    "Qwen2ForRewardModel": ("ttscale.models.reward:Qwen2ForRewardModel", "Qwen2ForCausalLM"),
+    "Qwen2ForProcessRewardModel": (
+        "ttscale.models.reward:Qwen2ForProcessRewardModel",
+        "Qwen2ForCausalLM",
+    ),
+}
+
 
 def resolve_architecture(hf_config: dict[str, Any]) -> str:
+    """The config's causal-LM architecture; a reward model or an unknown one is refused."""
     names = hf_config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
             return name
-    shown = ", ".join(names) if names else f"model_type={hf_config.get('model_type')!r}"
+    for name in names:
+        if name in REWARD_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{name} is a reward model, not a causal LM: it scores text but cannot "
+                "generate; use it as a verifier (scorer rm:PATH)"
+            )
     raise ModelLoadError(
-        f"unsupported architecture {shown}; ttscale supports {', '.join(ARCHITECTURES)}"
+        f"unsupported architecture {_shown(hf_config)}; ttscale supports {', '.join(ARCHITECTURES)}"
     )
+
+
+def resolve_reward_architecture(hf_config: dict[str, Any]) -> str:
+    """The config's reward-model architecture; a causal LM or an unknown one is refused."""
+    names = hf_config.get("architectures") or []
+    for name in names:
+        if name in REWARD_ARCHITECTURES:
+            return name
+    kind = "a causal LM, not a reward model" if set(names) & set(ARCHITECTURES) else "unsupported"
+    raise ModelLoadError(
+        f"{_shown(hf_config)} is {kind}; reward models ttscale runs: "
+        f"{', '.join(REWARD_ARCHITECTURES)}"
+    )
+
+
+def _shown(hf_config: dict[str, Any]) -> str:
+    names = hf_config.get("architectures") or []
+    return ", ".join(names) if names else f"model_type={hf_config.get('model_type')!r}"
 
 
 def build_model(
@@ -36,12 +79,15 @@ def build_model(
     device: torch.device | str = "cpu",
 ):
     """Instantiates the family's module on the meta device, loads the weights into it, moves
-    it to `device` and packs its matmul weights for that device."""
+    it to `device` and packs its matmul weights for that device. A reward model's config
+    (models/reward.py: RewardModelConfig) builds its reward class the same way."""
     import importlib
 
     from ttscale.models.layers import RotaryEmbedding
 
-    module_name, class_name = ARCHITECTURES[config.architecture].split(":")
+    arch = config.architecture
+    target = ARCHITECTURES[arch] if arch in ARCHITECTURES else REWARD_ARCHITECTURES[arch][0]
+    module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     with torch.device("meta"):
         model = cls(config)
