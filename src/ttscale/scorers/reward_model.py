@@ -70,7 +70,8 @@ class RewardModelScorer:
         self.aggregation = aggregation
         path = Path(path).expanduser()
         if not path.is_dir():
-            raise ModelLoadError(f"reward model folder {path} does not exist")
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise ModelLoadError(f"reward model folder {path} {what}")
         # Checked before any weight is read: the architecture, then the weights' format.
         config = RewardModelConfig.from_hf(read_model_config(path)[0])
         if not any(path.glob("*.safetensors")):
@@ -81,6 +82,7 @@ class RewardModelScorer:
         checkpoint = load_checkpoint(path, dtype)
         self.model: RewardModel = build_model(config, checkpoint.tensors, dtype, device)
         self.tokenizer = checkpoint.tokenizer
+        self.step_token_id = self._step_token_id() if self.model.is_process else None
         self.engine = LLMEngine(
             self.model,
             self.tokenizer,
@@ -89,7 +91,6 @@ class RewardModelScorer:
             device,
             max_model_len,
         )
-        self.step_token_id = self._step_token_id() if self.model.is_process else None
         # Qwen's math RMs were trained on chat transcripts; sequence classifiers on plain text.
         self.uses_chat = self.model.is_process or (
             isinstance(self.model, Qwen2ForRewardModel) and self.tokenizer.has_chat_template
