@@ -352,7 +352,8 @@ def test_strategy_extension_through_the_official_client(server, strategy):
         max_tokens=8,
         temperature=1.0,
         seed=1,
-        extra_body={"ttscale": {"strategy": strategy, "scorer": "logprob"}},
+        # The tiny model's 8 tokens are cut off: hygiene off, so candidates compete.
+        extra_body={"ttscale": {"strategy": strategy, "scorer": "logprob", "hygiene": False}},
     )
     tts = reply.model_extra["ttscale"]
     assert tts["strategy"] == strategy and tts["candidates"]
@@ -363,6 +364,25 @@ def test_strategy_extension_through_the_official_client(server, strategy):
     if strategy.startswith("majority"):
         assert len(tts["candidates"]) == 4
         assert sum(tts["votes"].values()) == sum(c["answer"] is not None for c in tts["candidates"])
+    server.wait_pool_full()
+
+
+def test_strategy_extension_says_when_nothing_finished(server):
+    """With hygiene (the default), cut-off candidates are not selected: no content, finish
+    reason `length`, and the extension says why."""
+    reply = server.client().chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=1.0,
+        seed=1,
+        extra_body={"ttscale": {"strategy": "majority@4"}},
+    )
+    tts = reply.model_extra["ttscale"]
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content == ""
+    assert tts["answer"] is None and tts["extra"]["no_finished"] is True
+    assert tts["extra"]["dropped"] == {"truncated": 4}
+    assert all(c["dropped"] == "truncated" for c in tts["candidates"])
     server.wait_pool_full()
 
 

@@ -17,6 +17,7 @@ from ttscale.strategies import SearchConfig, make_strategy
 from ttscale.strategies.adaptive import AdaptiveConsistency
 from ttscale.strategies.api import make_query, solve_many
 from ttscale.strategies.tree import cluster_texts
+from ttscale.tts.hygiene import Hygiene
 from ttscale.tts.session import Branch, Session, Wait, drive
 
 SPECS = [
@@ -57,9 +58,12 @@ class LengthScorer:
 
 
 def query(llm, **kw):
+    """The tiny model never finishes within 24 tokens: candidate hygiene is off here, so the
+    machinery is tested on cut-off candidates (hygiene has its own tests below)."""
     params = SamplingParams(temperature=1.0, max_tokens=24, seed=3)
     search = SearchConfig(step_delimiter=" ", max_step_tokens=4, max_depth=4)
     kw.setdefault("scorer", MeanLogprobScorer())
+    kw.setdefault("hygiene", Hygiene(enabled=False))
     return make_query(llm, "12 + 30 =", params=params, search=search, **kw)
 
 

@@ -55,7 +55,12 @@ def test_accepted_specs_and_their_canonical_form(spec, canonical, parsed) -> Non
         ("bon@0", "must be >= 1"),
         ("majority@x", "expected NAME"),
         ("", "expected NAME"),
-        ("majority@16:t=0.5", "options after ':'"),
+        ("majority@16:x=0.5", "bad option 'x=0.5'"),
+        ("majority@16:t=hot", "t must be a number"),
+        ("majority@16:t=-1", "t must be in .0, 100."),
+        ("bon@16:p=1.5", "p must be in .0, 1."),
+        ("greedy:t=0.5", "greedy takes no sampling options"),
+        ("majority@16:", "nothing after"),
     ],
 )
 def test_rejected_specs_say_why(spec, message) -> None:
@@ -90,3 +95,14 @@ def test_what_only_a_runnable_search_needs_is_checked_when_built() -> None:
         make_strategy("beam@16")
     with pytest.raises(StrategySpecError, match="multiple of M"):
         make_strategy("dvts@6/4")
+
+
+def test_sampling_options_are_part_of_the_spec() -> None:
+    spec = parse_strategy_spec("Majority@16:T=0.5, p=0.9")
+    assert (spec.name, spec.n, spec.temperature, spec.top_p) == ("majority", 16, 0.5, 0.9)
+    assert spec.canonical == "majority@16:t=0.5,p=0.9"
+    assert spec.sampling == {"temperature": 0.5, "top_p": 0.9}
+    assert parse_strategy_spec("bon@8").sampling == {}
+    strategy = make_strategy("bon@8:t=0.3")
+    assert strategy.sampling_overrides == {"temperature": 0.3}
+    assert strategy_cost_profile("bon@8:t=0.3").kind == "bon"  # the cost model ignores them

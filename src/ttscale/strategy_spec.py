@@ -16,8 +16,9 @@ prices both alike, the planner estimates both from the same samples), so it is a
 strategy of its own. The grammar checks only the spec's shape; what a strategy needs beyond it
 (beam search needs M to run, and N a multiple of M) is checked where it is built.
 
-Everything after a `:` is reserved for per-strategy options (e.g. a temperature); none exist
-yet, so a spec with one is refused.
+Sampling settings are part of a strategy: after a `:`, `t=` (temperature) and `p=` (top-p),
+comma-separated, override the run's (`majority@16:t=0.5`, `bon@16:t=0.7,p=0.95`). The best
+temperature depends on how samples are combined: a vote wants diverse but not wild samples.
 """
 
 from __future__ import annotations
@@ -67,13 +68,26 @@ class StrategySpec:
     name: str
     n: int = 1
     m: int | None = None
+    temperature: float | None = None  # None: the run's
+    top_p: float | None = None
 
     @property
     def canonical(self) -> str:
         """The one spelling of this spec (`SAMPLE@8` and `vote@8` -> `majority@8`)."""
         if _ARITY[self.name].n == "none" or (self.name == "sample" and self.n == 1):
-            return self.name
-        return f"{self.name}@{self.n}" + (f"/{self.m}" if self.m is not None else "")
+            head = self.name
+        else:
+            head = f"{self.name}@{self.n}" + (f"/{self.m}" if self.m is not None else "")
+        opts = [
+            f"{k}={v:g}" for k, v in (("t", self.temperature), ("p", self.top_p)) if v is not None
+        ]
+        return head + (":" + ",".join(opts) if opts else "")
+
+    @property
+    def sampling(self) -> dict[str, float]:
+        """The SamplingParams fields this spec sets."""
+        out = {"temperature": self.temperature, "top_p": self.top_p}
+        return {k: v for k, v in out.items() if v is not None}
 
     def __str__(self) -> str:
         return self.canonical
@@ -84,11 +98,7 @@ def parse_strategy_spec(spec: str) -> StrategySpec:
     (with a "did you mean" for a misspelt name)."""
     text = str(spec).strip().lower()
     head, colon, options = text.partition(":")
-    if colon:
-        raise StrategySpecError(
-            f"strategy {spec!r}: options after ':' ({options!r}) are not supported; "
-            f"write just {head!r}"
-        )
+    sampling = _parse_options(spec, options) if colon else {}
     match = _SPEC.match(head)
     if not match:
         raise StrategySpecError(
@@ -113,7 +123,37 @@ def parse_strategy_spec(spec: str) -> StrategySpec:
         raise StrategySpecError(f"strategy {spec!r}: M must be in [1, N]")
     if name == "sample" and n is not None and n > 1:
         name = "majority"  # N independent samples: see the module docstring
-    return StrategySpec(name, n or 1, m)
+    if name == "greedy" and sampling:
+        raise StrategySpecError(f"strategy {spec!r}: greedy takes no sampling options")
+    return StrategySpec(name, n or 1, m, **sampling)
+
+
+_OPTION_KEYS = {"t": "temperature", "temperature": "temperature", "p": "top_p", "top_p": "top_p"}
+
+
+def _parse_options(spec: str, options: str) -> dict[str, float]:
+    """`t=0.5,p=0.9` -> {"temperature": 0.5, "top_p": 0.9}, checked like SamplingParams."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        key, eq, value = item.partition("=")
+        field = _OPTION_KEYS.get(key.strip())
+        if not eq or field is None:
+            raise StrategySpecError(
+                f"strategy {spec!r}: bad option {item!r}; write t=<temperature> or p=<top_p> "
+                "(e.g. majority@16:t=0.5)"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            raise StrategySpecError(f"strategy {spec!r}: {key} must be a number") from None
+        if field == "temperature" and not 0 <= number <= 100:
+            raise StrategySpecError(f"strategy {spec!r}: t must be in [0, 100]")
+        if field == "top_p" and not 0 < number <= 1:
+            raise StrategySpecError(f"strategy {spec!r}: p must be in (0, 1]")
+        out[field] = number
+    if not out:
+        raise StrategySpecError(f"strategy {spec!r}: nothing after ':' (e.g. majority@16:t=0.5)")
+    return out
 
 
 def _unknown_name(spec: str, match: re.Match[str]) -> str:

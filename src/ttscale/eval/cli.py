@@ -24,6 +24,13 @@ ScorerOpt = Annotated[
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
 KvOpt = Annotated[float | None, typer.Option(help="KV cache size in GB (default: automatic)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout (the rest: stderr)")]
+HygieneOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hygiene/--no-hygiene",
+        help="exclude cut-off and looping candidates from voting and selection",
+    ),
+]
 
 
 def _fail(message: object) -> NoReturn:
@@ -92,12 +99,14 @@ def eval_cmd(
     no_resume: Annotated[
         bool, typer.Option("--no-resume", help="delete earlier results in --out and start over")
     ] = False,
+    hygiene: HygieneOpt = True,
 ) -> None:
     """Evaluate strategies on the same problems: records, summary and a Pareto plot in --out.
     Rerunning resumes (finished problems are skipped)."""
     from ttscale.eval.harness import run_eval
     from ttscale.eval.report import pareto_plot, print_summary
     from ttscale.tasks import load_task
+    from ttscale.tts.hygiene import Hygiene
 
     specs = _strategies(strategies)
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -119,6 +128,7 @@ def eval_cmd(
             concurrency=concurrency,
             resume=not no_resume,
             progress=True,
+            hygiene=Hygiene(enabled=hygiene),
         )
     except ValueError as e:  # settings mismatch, bad scorer, prompt too long
         _fail(e)
@@ -147,6 +157,7 @@ def _result_json(result: Any) -> dict[str, Any]:
                 "score": finite_or_none(c.score),
                 "tokens": c.tokens,
                 "finish_reason": c.finish_reason,
+                "dropped": c.dropped,
             }
             for c in result.candidates
         ],
@@ -167,11 +178,13 @@ def solve_cmd(
     threads: ThreadsOpt = None,
     kv_cache_gb: KvOpt = None,
     json_out: JsonOpt = False,
+    hygiene: HygieneOpt = True,
 ) -> None:
     """Solve one question with a strategy: the answer on stdout; votes and cost on stderr."""
     from ttscale.scorers import load_scorer
     from ttscale.strategies import make_strategy
     from ttscale.strategies.api import make_query, solve_many
+    from ttscale.tts.hygiene import Hygiene
 
     specs = _strategies(strategy)
     if len(specs) != 1:
@@ -184,7 +197,9 @@ def solve_cmd(
         _fail(e)
     llm = _load_llm(model, threads, kv_cache_gb)
     try:
-        query = make_query(llm, question, params=params, scorer=the_scorer)
+        query = make_query(
+            llm, question, params=params, scorer=the_scorer, hygiene=Hygiene(enabled=hygiene)
+        )
         result = solve_many(llm, [query], strategy)[0]
     except ValueError as e:
         _fail(e)

@@ -24,6 +24,7 @@ from ttscale.eval.summary import summarize_records
 from ttscale.sampling.params import SamplingParams
 from ttscale.strategies import make_strategy
 from ttscale.strategies.api import DEFAULT_PARAMS, make_query, solve_many
+from ttscale.tts.hygiene import Hygiene
 
 if TYPE_CHECKING:
     from ttscale.llm import LLM
@@ -78,6 +79,7 @@ def run_eval(
     resume: bool = True,
     progress: bool = True,
     search: SearchConfig | None = None,
+    hygiene: Hygiene | None = None,
 ) -> dict[str, Any]:
     """Runs every strategy on the same ``n_problems`` problems and returns the summary (also
     written to ``out_dir``). Problems run ``concurrency`` at a time on the engine; records are
@@ -101,7 +103,7 @@ def run_eval(
     elif not scorer_spec.startswith("rm:"):  # it is in the settings: a typo must not be
         load_scorer(scorer_spec)  # cheap for the built-in ones; a reward model is not loaded
 
-    settings = run_settings(llm, task, params, seed, scorer_spec, search)
+    settings = run_settings(llm, task, params, seed, scorer_spec, search, hygiene)
     prepare_out_dir(out_dir, settings, resume)
     records_path = out_dir / RECORDS_FILE
     records = load_records(records_path)
@@ -127,6 +129,7 @@ def run_eval(
                         params=params,
                         scorer=scorer if built[spec].needs_scorer else None,
                         search=search,
+                        hygiene=hygiene,
                     )
                     for p in chunk
                 ]

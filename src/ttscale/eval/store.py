@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ttscale.eval.report import markdown_summary
 from ttscale.sampling.params import SamplingParams
+from ttscale.tts.hygiene import Hygiene
 
 if TYPE_CHECKING:
     from ttscale.llm import LLM
@@ -85,6 +86,7 @@ def run_settings(
     seed: int,
     scorer_spec: str,
     search: SearchConfig | None = None,
+    hygiene: Hygiene | None = None,
 ) -> dict[str, Any]:
     """The settings records depend on. Not included: n_problems (a run can be extended),
     the strategies (added one by one), concurrency (per-request seeds make samples independent
@@ -98,6 +100,8 @@ def run_settings(
     }
     if search is not None:
         settings["search"] = dataclasses.asdict(search)
+    if hygiene is not None and hygiene != Hygiene():
+        settings["hygiene"] = dataclasses.asdict(hygiene)  # default runs keep their settings
     return jsonable(settings)
 
 
@@ -229,6 +233,7 @@ def make_record(
             "score": finite_or_none(c.score),
             "tokens": c.tokens,
             "finish_reason": c.finish_reason,
+            "dropped": c.dropped,
             "correct": task.is_correct(problem, c.answer),
         }
         for c in result.candidates

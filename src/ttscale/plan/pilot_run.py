@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ttscale.llm import LLM
     from ttscale.strategies.base import StrategyResult
     from ttscale.tasks import Problem, Task
+    from ttscale.tts.hygiene import Hygiene
 
 
 @dataclass
@@ -129,6 +130,7 @@ def run_wave(
     *,
     scorer: str = "logprob",
     concurrency: int = 8,
+    hygiene: Hygiene | None = None,
 ) -> list[tuple[StrategyResult, float]]:
     """Runs ``specs[i]`` on ``problems[i]`` (with ``params[i]`` if a list), ``concurrency``
     problems at once so different strategies batch together; returns ``(result, wall
@@ -159,6 +161,7 @@ def run_wave(
                 extract=task.extract_answer,
                 params=per_problem[i],
                 scorer=the_scorer if strat.needs_scorer else None,
+                hygiene=hygiene,
             )
             jobs.append(strat.solve(Session(llm.engine, query.prompt_token_ids), query))
         t0 = time.perf_counter()
@@ -181,6 +184,7 @@ def pilot(
     scorer: str = "logprob",
     concurrency: int = 8,
     log: Callable[[str], None] | None = None,
+    hygiene: Hygiene | None = None,
 ) -> Pilot:
     """Samples ``n_samples`` answers to each of ``task.problems(n_problems, seed)`` with
     ``majority@n_samples`` and judges each sample; runs each strategy of ``measure`` (greedy,
@@ -209,7 +213,16 @@ def pilot(
         # make another look cheaper.
         llm.engine.reset_prefix_cache()
         specs = [spec] * len(problems)
-        return run_wave(llm, task, problems, specs, params, scorer=scorer, concurrency=concurrency)
+        return run_wave(
+            llm,
+            task,
+            problems,
+            specs,
+            params,
+            scorer=scorer,
+            concurrency=concurrency,
+            hygiene=hygiene,
+        )
 
     pilot_problems = [
         PilotProblem(

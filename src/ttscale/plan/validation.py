@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ttscale.plan.planner import Plan
     from ttscale.strategies.base import StrategyResult
     from ttscale.tasks import Task
+    from ttscale.tts.hygiene import Hygiene
 
 # The continuation after a probe samples with another seed: the engine seeds sample i of a
 # request by (seed, i), so the same seed would repeat the probe's samples.
@@ -102,6 +103,7 @@ def validate(
     *,
     concurrency: int | None = None,
     log: Callable[[str], None] | None = None,
+    hygiene: Hygiene | None = None,
 ) -> Validation:
     """Runs the plan on ``n_problems`` new problems and compares predicted with achieved
     accuracy and cost, per bin and overall.
@@ -138,7 +140,14 @@ def validate(
         say(f"validate: probe majority@{m} on {n} problems")
         # The prefix cache is kept after the probe: a deployment would reuse the prompt's KV.
         probe_runs = run_wave(  # type: ignore[assignment]
-            llm, task, problems, [f"majority@{m}"] * n, params, scorer=scorer, concurrency=conc
+            llm,
+            task,
+            problems,
+            [f"majority@{m}"] * n,
+            params,
+            scorer=scorer,
+            concurrency=conc,
+            hygiene=hygiene,
         )
         levels = [agreement([c.answer for c in r.candidates]) for r, _ in probe_runs]  # type: ignore[misc]
         bins = [plan.probe.bin_of(j) for j in levels]  # type: ignore[arg-type]
@@ -170,6 +179,7 @@ def validate(
         [p for _, _, p in todo],
         scorer=scorer,
         concurrency=conc,
+        hygiene=hygiene,
     )
     runs = {i: (p is cont_params, res) for (i, _, p), res in zip(todo, wave, strict=True)}
 

@@ -37,6 +37,8 @@ class TTScaleOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
     strategy: str = Field(min_length=1, examples=["majority@16"])
+    # Candidate hygiene: cut-off and looping candidates neither vote nor get selected.
+    hygiene: bool = True
 
 
 # Ranges are stated in the schema too (documentation, and fuzzers then reach the engine);

@@ -31,6 +31,7 @@ async def run_strategy_request(
     from ttscale.scorers import load_scorer
     from ttscale.strategies import Query, make_strategy
     from ttscale.tasks.answers import extract_answer
+    from ttscale.tts.hygiene import Hygiene
     from ttscale.tts.session import Session
 
     if job.stream:
@@ -54,6 +55,7 @@ async def run_strategy_request(
         extract=extract_answer,
         params=dataclasses.replace(job.params, n=1),
         scorer=scorer,
+        hygiene=Hygiene(enabled=options.hygiene),
     )
 
     def solve():
@@ -89,10 +91,15 @@ def _strategy_reply(job: Job, result) -> dict[str, Any]:
             "votes": result.votes,
             "candidates": [dataclasses.asdict(c) for c in result.candidates],
             "cost": dataclasses.asdict(stats),
-            "extra": {k: v for k, v in result.extra.items() if isinstance(v, (int, float, list))},
+            "extra": {
+                k: v for k, v in result.extra.items() if isinstance(v, (int, float, list, dict))
+            },
         },
     }
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+    # No candidate finished (all cut off or looping): nothing is selected; say it the way a
+    # plain completion does, and the extension's `no_finished` says why.
+    finish = "length" if result.extra.get("no_finished") else "stop"
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if job.kind == "chat":
         choice["message"] = {"role": "assistant", "content": result.text}
     else:

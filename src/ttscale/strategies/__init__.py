@@ -19,19 +19,19 @@ def make_strategy(spec: str) -> Strategy:
     ValueError) saying why. The strategy keeps `spec` as written: results and eval records
     are labelled with it."""
     parsed = parse_strategy_spec(spec)
-    name, n, m = parsed.name, parsed.n, parsed.m
+    name, n, m, sampling = parsed.name, parsed.n, parsed.m, parsed.sampling
     if name in ("greedy", "sample"):
-        return SampleThenSelect(spec, 1, "first", greedy=name == "greedy")
+        return SampleThenSelect(spec, 1, "first", greedy=name == "greedy", sampling=sampling)
     if name in _SELECT:
-        return SampleThenSelect(spec, n, _SELECT[name])
+        return SampleThenSelect(spec, n, _SELECT[name], sampling=sampling)
     if name == "adaptive":
-        return AdaptiveConsistency(spec, n)
+        return AdaptiveConsistency(spec, n, sampling=sampling)
     if name == "tree":
-        return KVAwareTreeSearch(spec, n)
+        return KVAwareTreeSearch(spec, n, sampling=sampling)
     if m is None:  # the grammar allows beam@N for `ttscale cost`; a search needs its width
         raise StrategySpecError(f"strategy {spec!r}: {name} needs @N/M (e.g. {name}@16/4)")
     cls = BeamSearch if name == "beam" else DiverseVerifierTreeSearch
-    return cls(spec, n, m)
+    return cls(spec, n, m, sampling=sampling)
 
 
 __all__ = [

@@ -12,12 +12,19 @@ from scipy.stats import beta
 
 from ttscale.strategies.base import Query, SolveGen, Strategy
 from ttscale.tts.session import Session
-from ttscale.tts.votes import majority_vote
+from ttscale.tts.votes import vote_with_ties
 
 
 class AdaptiveConsistency(Strategy):
-    def __init__(self, spec: str, n_max: int, wave: int = 4, confidence: float = 0.95) -> None:
-        super().__init__(spec)
+    def __init__(
+        self,
+        spec: str,
+        n_max: int,
+        wave: int = 4,
+        confidence: float = 0.95,
+        sampling: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(spec, sampling)
         self.n_max, self.wave, self.confidence = n_max, min(wave, n_max), confidence
 
     def solve(self, session: Session, query: Query) -> SolveGen:
@@ -33,19 +40,20 @@ class AdaptiveConsistency(Strategy):
             new = yield from session.sample(size, params)
             waves += 1
             branches += new
-            answers += [query.extract(b.text) for b in new]
+            answers += [v.answer for v in self.verdicts(query, new)]
             stop_prob = self.decided(answers)
             if stop_prob >= self.confidence:
                 break
-        winner, votes = majority_vote(answers)
+        winner, votes, tied = vote_with_ties(answers)
         chosen = next((b for b, a in zip(branches, answers, strict=True) if a == winner), None)
         return self.result(
             query,
-            chosen or branches[0],
+            chosen,
             branches,
             session.close(),
             votes,
             scored=False,
+            tied=tied,
             waves=waves,
             samples=len(branches),
             stop_probability=stop_prob,

@@ -9,6 +9,7 @@ from ttscale.sampling.params import SamplingParams
 from ttscale.scorers import Scorer, load_scorer
 from ttscale.strategies import Query, SearchConfig, StrategyResult, make_strategy
 from ttscale.tasks import answers
+from ttscale.tts.hygiene import Hygiene
 from ttscale.tts.session import Session, drive
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=256, seed=0)
@@ -23,6 +24,7 @@ def make_query(
     params: SamplingParams = DEFAULT_PARAMS,
     scorer: Scorer | None = None,
     search: SearchConfig | None = None,
+    hygiene: Hygiene | None = None,
 ) -> Query:
     if messages is None:
         messages = [{"role": "user", "content": f"{question}\n\n{DEFAULT_INSTRUCTION}"}]
@@ -36,6 +38,7 @@ def make_query(
         params=params,
         scorer=scorer,
         search=search or SearchConfig(),
+        hygiene=hygiene or Hygiene(),
     )
 
 

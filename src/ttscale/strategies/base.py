@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ttscale.sampling.params import SamplingParams
 from ttscale.scorers.base import ScoreContext, Scorer, aggregate, path_scores
+from ttscale.tts.hygiene import Hygiene, Verdict, drop_counts, is_degenerate, judge
 from ttscale.tts.session import Branch, Session, SessionStats, Wait
 
 
@@ -39,15 +40,17 @@ class Query:
     params: SamplingParams  # sampling controls (temperature, top-p, min-p...) and max_tokens
     scorer: Scorer | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
+    hygiene: Hygiene = field(default_factory=Hygiene)
 
 
 @dataclass
 class Candidate:
     text: str
-    answer: str | None
+    answer: str | None  # as it voted / was selected: None if excluded (see `dropped`)
     score: float | None
     tokens: int
     finish_reason: str | None
+    dropped: str | None = None  # why it could not vote: truncated | degenerate | no_answer
 
 
 @dataclass
@@ -74,23 +77,26 @@ class Strategy:
     name = "strategy"
     needs_scorer = False
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, sampling: dict[str, float] | None = None) -> None:
         self.spec = spec
+        # Sampling controls that belong to the strategy (`majority@16:t=0.5`): they override
+        # the query's, since the best temperature depends on how samples are combined.
+        self.sampling_overrides = dict(sampling or {})
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         raise NotImplementedError
 
     # ---- helpers shared by the families --------------------------------------------------
 
-    @staticmethod
-    def sampling(query: Query, **overrides) -> SamplingParams:
-        """The query's sampling controls, with logprobs on (scorers and reports use them)."""
-        return dataclasses.replace(query.params, logprobs=0, n=1, **overrides)
+    def sampling(self, query: Query, **overrides) -> SamplingParams:
+        """The query's sampling controls under the strategy's own, with logprobs on (scorers
+        and reports use them)."""
+        merged = {**self.sampling_overrides, **overrides}
+        return dataclasses.replace(query.params, logprobs=0, n=1, **merged)
 
-    @staticmethod
-    def step_params(query: Query) -> SamplingParams:
+    def step_params(self, query: Query) -> SamplingParams:
         s = query.search
-        return Strategy.sampling(
+        return self.sampling(
             query,
             # A step never outruns the whole answer's budget (is_final checks the total).
             max_tokens=min(s.max_step_tokens, query.params.max_tokens),
@@ -133,6 +139,22 @@ class Strategy:
         return live
 
     @staticmethod
+    def prune_loops(
+        session: Session, query: Query, live: list[Branch], finished: list[Branch]
+    ) -> list[Branch]:
+        """Stops growing branches stuck in a repetition loop (they join `finished`, where
+        hygiene excludes them), unless that would leave nothing to grow."""
+        if not query.hygiene.enabled:
+            return live
+        prompt_len = len(query.prompt_token_ids)
+        looping = [b for b in live if is_degenerate(b.token_ids[prompt_len:], query.hygiene)]
+        if not looping or len(looping) == len(live):
+            return live
+        finished += looping
+        session.drop(looping)
+        return [b for b in live if b not in looping]
+
+    @staticmethod
     def path_score(branch: Branch, query: Query) -> float:
         return aggregate(path_scores(branch), query.search.aggregation)
 
@@ -145,6 +167,38 @@ class Strategy:
         generated = branch.num_tokens - len(query.prompt_token_ids)
         return generated >= query.params.max_tokens
 
+    def verdicts(self, query: Query, branches: list[Branch]) -> list[Verdict]:
+        """What each candidate counts for under the query's hygiene: cut-off (length limit or
+        out of search depth mid-step) and looping candidates are excluded."""
+        prompt_len = len(query.prompt_token_ids)
+        return [
+            judge(
+                b.text,
+                b.token_ids[prompt_len:],
+                self.truncated(b, query),
+                query.extract,
+                query.hygiene,
+            )
+            for b in branches
+        ]
+
+    @staticmethod
+    def truncated(branch: Branch, query: Query) -> bool:
+        """Cut off rather than finished: stopped by a length limit, or a search step that
+        ended at its delimiter but was never continued."""
+        if branch.finish_reason == "length":
+            return True
+        return branch.finish_reason == "stop" and branch.stop_reason == query.search.step_delimiter
+
+    def best_kept(
+        self, query: Query, branches: list[Branch], verdicts: list[Verdict]
+    ) -> Branch | None:
+        """The highest-scoring candidate that may be selected; ties go to the earliest."""
+        kept = [i for i, v in enumerate(verdicts) if v.kept]
+        if not kept:
+            return None
+        return branches[max(kept, key=lambda i: (self.path_score(branches[i], query), -i))]
+
     def result(
         self,
         query: Query,
@@ -153,25 +207,40 @@ class Strategy:
         stats: SessionStats,
         votes: dict[str, float] | None = None,
         scored: bool = True,
+        verdicts: list[Verdict] | None = None,
+        tied: list[str] | None = None,
         **extra: object,
     ) -> StrategyResult:
+        """The result over `pool`; `chosen` None means no candidate could be selected (all
+        were excluded: the result says so and answers nothing)."""
         prompt_len = len(query.prompt_token_ids)
+        verdicts = verdicts if verdicts is not None else self.verdicts(query, pool)
         candidates = [
             Candidate(
                 text=b.text,
-                answer=query.extract(b.text),
+                answer=v.answer,
                 score=self.path_score(b, query) if scored and b.scores else None,
                 tokens=b.num_tokens - prompt_len,
                 finish_reason=b.finish_reason,
+                dropped=v.dropped,
             )
-            for b in pool
+            for b, v in zip(pool, verdicts, strict=True)
         ]
+        answer = None
+        if chosen is not None:
+            in_pool = [v for b, v in zip(pool, verdicts, strict=True) if b is chosen]
+            answer = (in_pool or self.verdicts(query, [chosen]))[0].answer
+        info: dict[str, object] = {"dropped": drop_counts(verdicts)}
+        if not any(v.kept for v in verdicts):
+            info["no_finished"] = True
+        if tied is not None and len(tied) > 1:
+            info["tie"], info["tied"] = True, list(tied)
         return StrategyResult(
             strategy=self.spec,
-            answer=query.extract(chosen.text) if chosen is not None else None,
+            answer=answer,
             text=chosen.text if chosen is not None else "",
             candidates=candidates,
             votes=votes or {},
             stats=stats,
-            extra=dict(extra),
+            extra={**info, **extra},
         )

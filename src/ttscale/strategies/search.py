@@ -37,6 +37,7 @@ class LevelSearch(Strategy):
         while True:
             yield from self.score(session, query, active)
             live = self.harvest(session, query, active, finished, depth, width=self.n)
+            live = self.prune_loops(session, query, live, finished)
             if not live:
                 break
             chosen = self.expansions(live, query, self.n - len(finished), stats)
@@ -44,8 +45,11 @@ class LevelSearch(Strategy):
             session.drop(b for b in live if id(b) not in kept)
             active = yield from session.expand(chosen, params)
             depth += 1
-        best = max(finished, key=lambda b: self.path_score(b, query))
-        return self.result(query, best, finished, session.close(), depth=depth, **stats)
+        verdicts = self.verdicts(query, finished)
+        best = self.best_kept(query, finished, verdicts)
+        return self.result(
+            query, best, finished, session.close(), verdicts=verdicts, depth=depth, **stats
+        )
 
 
 class _WidthSplit(Strategy):
@@ -53,8 +57,8 @@ class _WidthSplit(Strategy):
 
     needs_scorer = True
 
-    def __init__(self, spec: str, n: int, m: int) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: str, n: int, m: int, sampling: dict[str, float] | None = None) -> None:
+        super().__init__(spec, sampling)
         if n % m:
             raise StrategySpecError(f"strategy {spec!r}: N must be a multiple of M")
         self.n, self.m = n, m
@@ -99,5 +103,6 @@ class DiverseVerifierTreeSearch(_WidthSplit):
             children = yield from session.expand(expand, params)
             subtrees = [children[i : i + self.m] for i in range(0, len(children), self.m)]
             depth += 1
-        best = max(finished, key=lambda b: self.path_score(b, query))
-        return self.result(query, best, finished, session.close(), depth=depth)
+        verdicts = self.verdicts(query, finished)
+        best = self.best_kept(query, finished, verdicts)
+        return self.result(query, best, finished, session.close(), verdicts=verdicts, depth=depth)

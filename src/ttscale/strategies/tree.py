@@ -36,8 +36,9 @@ class KVAwareTreeSearch(LevelSearch):
         lambda_kv: float = 0.5,
         lambda_div: float = 0.5,
         similarity: float = 0.6,
+        sampling: dict[str, float] | None = None,
     ) -> None:
-        super().__init__(spec)
+        super().__init__(spec, sampling)
         self.n, self.lambda_kv, self.lambda_div, self.similarity = (
             n,
             lambda_kv,

@@ -76,4 +76,34 @@ def majority_vote(
     return plurality(answers, weights)
 
 
-__all__ = ["check_weights", "majority_vote", "plurality"]
+def vote_with_ties(
+    answers: Sequence[str | None],
+    weights: Sequence[float] | None = None,
+    scores: Sequence[float | None] | None = None,
+) -> tuple[str | None, dict[str, float], list[str]]:
+    """:func:`majority_vote`, saying which answers tied for the lead.
+
+    Returns ``(winner, totals, tied)``; ``tied`` lists every answer with the maximal total in
+    order of first appearance (a single answer when there is no tie). The documented rule for
+    a tie: the tied answer with the highest candidate score wins (when ``scores`` are given),
+    then the one that reached the maximum first (:func:`majority_vote`'s rule).
+    """
+    winner, totals = majority_vote(answers, weights)
+    if not totals:
+        return None, totals, []
+    best = max(totals.values())
+    tied = [a for a, v in totals.items() if v == best]
+    if len(tied) > 1 and scores is not None:
+        top: dict[str, float] = {}
+        for a, s in zip(answers, scores, strict=True):
+            if a in tied and s is not None:
+                top[a] = max(top.get(a, float("-inf")), s)
+        if top:
+            best_score = max(top.values())
+            leaders = [a for a in tied if top.get(a) == best_score]
+            if winner not in leaders:
+                winner = leaders[0]
+    return winner, totals, tied
+
+
+__all__ = ["check_weights", "majority_vote", "plurality", "vote_with_ties"]
