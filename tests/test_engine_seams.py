@@ -195,3 +195,35 @@ def test_kv_pool_dtype_is_independent_of_the_weights(model_dir):
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
     assert bf16_kv.engine.cost_meter.kv_bytes_per_value == 2
     assert_pool_full(bf16_kv)
+
+
+def test_hidden_states_captured_while_generating(model_dir):
+    """A request that asks for hidden states keeps, for each of its n samples, the rows of
+    its generated tokens as decode computes them (no second pass); with the last token added
+    by fork_embed they equal one full pass. Drafts that are rolled back leave no rows."""
+    for proposer in (None, "oracle"):
+        llm = make_llm(model_dir)
+        if proposer:
+            expected = llm.generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids
+            llm = make_llm(
+                model_dir,
+                proposer=OracleProposer({tuple(PROMPTS[0]): expected}, k=3, wrong_every=2),
+            )
+        engine = llm.engine
+        params = SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+        request = engine.add_request("h", PROMPTS[0], params, retain=True, hidden_layers=[1, 2])
+        while not request.finished:
+            engine.step()
+        prompt_len = len(PROMPTS[0])
+        for seq in request.sequences:
+            rows = seq.hidden_states
+            assert rows.shape == (seq.num_tokens - 1 - prompt_len, 2, llm.config.hidden_size)
+            last = engine.fork_embed(seq.seq_id, [1, 2], recompute=1)
+            while last.hidden_states is None:
+                engine.step()
+            full = llm.hidden_states([seq.token_ids], [1, 2], start=prompt_len)[0]
+            got = torch.cat([rows, last.hidden_states])
+            assert (got - full).abs().max() / full.abs().max() < 1e-5
+            engine.drop(last.seq_id)
+        engine.release("h")
+        assert_pool_full(llm)

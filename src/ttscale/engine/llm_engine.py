@@ -94,14 +94,20 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         retain: bool = False,
+        hidden_layers: Seq[int] | None = None,
     ) -> Request:
         """Queues a request. `retain=True` keeps finished sequences' KV until `release()` so a
-        search strategy can fork them later."""
+        search strategy can fork them later. With `hidden_layers`, every sequence keeps the
+        hidden states of its generated tokens at those layers as they are computed
+        (`Sequence.hidden_states`: each row is the state after reading its token; the last
+        sampled token is never computed, see `fork_embed`)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt_token_ids)
         request = Request(request_id, ids, params, next(self._arrivals), prompt, retain=retain)
         seq = self._new_sequence(request, index=0, token_ids=list(ids))
+        if hidden_layers is not None:
+            seq.hidden_layers, seq.hidden_start = self._check_layers(hidden_layers), len(ids)
         request.forked = params.n == 1
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -140,7 +146,7 @@ class LLMEngine:
             raise ValueError(f"start must be in [0, {len(ids)}), not {start}")
         request = self.add_request(request_id, ids, SamplingParams(temperature=0, max_tokens=1))
         seq = request.sequences[0]
-        seq.embed_layers, seq.embed_start = seq_layers, start
+        seq.hidden_layers, seq.hidden_start, seq.embed_only = seq_layers, start, True
         return request
 
     def fork_embed(self, seq_id: int, layers: Seq[int], recompute: int = 1) -> Sequence:
@@ -158,7 +164,8 @@ class LLMEngine:
             raise ValueError(f"recompute must be in [1, {parent.num_tokens}], not {recompute}")
         seq_layers = self._check_layers(layers)
         child = parent.clone(next(self._seq_ids), len(parent.request.sequences), None)
-        child.embed_layers, child.embed_start = seq_layers, start
+        child.hidden_layers, child.hidden_start, child.embed_only = seq_layers, start, True
+        child.hidden_parts, child.num_hidden_rows = [], 0
         child.finish_reason = child.stop_reason = None
         parent.request.sequences.append(child)
         self.sequences[child.seq_id] = child
@@ -345,7 +352,7 @@ class LLMEngine:
         """Appends the proposer's tokens to every decoding sequence, within its limits."""
         assert self.proposer is not None
         for seq in self.scheduler.running:
-            if seq.embed_layers is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+            if seq.embed_only or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
             room = min(
                 seq.params.max_tokens - seq.num_step_tokens,
@@ -392,15 +399,13 @@ class LLMEngine:
                 self.stats["decode_tokens"] += n
             if s.return_hidden:
                 assert result.hidden is not None
-                rows = result.hidden[hidden_row : hidden_row + n]
+                seq.capture_hidden(result.hidden[hidden_row : hidden_row + n], s.start_pos)
                 hidden_row += n
-                skip = max(0, seq.embed_start - s.start_pos)  # cached/earlier positions
-                seq.hidden_parts.append(rows[skip:])
             if not seq.num_draft_tokens:
                 self.block_manager.commit_computed(
                     seq.seq_id, seq.token_ids, seq.num_computed_tokens
                 )
-            if seq.embed_layers is not None and seq.num_computed_tokens == seq.num_tokens:
+            if seq.embed_only and seq.num_computed_tokens == seq.num_tokens:
                 self._finish(seq, "embedded")
                 touched[seq.request.request_id] = seq.request
             elif s.num_logits:
@@ -469,6 +474,8 @@ class LLMEngine:
         keep = seq.num_tokens + accepted
         seq.num_computed_tokens = keep
         self.block_manager.truncate(seq.seq_id, keep)
+        if seq.hidden_layers is not None:
+            seq.trim_hidden(keep)
         for j in range(accepted + 1):
             self._append_token(seq, sampled, first + j)
             if seq.status is SequenceStatus.FINISHED:
@@ -479,6 +486,8 @@ class LLMEngine:
             if computed < seq.num_computed_tokens:
                 self.block_manager.truncate(seq.seq_id, computed)
                 seq.num_computed_tokens = computed
+                if seq.hidden_layers is not None:
+                    seq.trim_hidden(computed)
             self.block_manager.commit_computed(seq.seq_id, seq.token_ids, computed)
 
     def _sampling_row(self, seq: Sequence, context_len: int | None = None) -> SamplingRow:

@@ -144,17 +144,17 @@ class Scheduler:
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             complete = start + num_new == seq.num_tokens
-            embed = seq.embed_layers is not None
-            if embed:
-                layers.update(seq.embed_layers)
+            capture = seq.hidden_layers is not None
+            if capture:
+                layers.update(seq.hidden_layers)
             out.seqs.append(
                 ScheduledSeq(
                     seq_id=seq.seq_id,
                     token_ids=seq.token_ids[start : start + num_new],
                     start_pos=start,
                     block_table=self.block_manager.block_table(seq.seq_id),
-                    num_logits=1 + seq.num_draft_tokens if complete and not embed else 0,
-                    return_hidden=embed,
+                    num_logits=1 + seq.num_draft_tokens if complete and not seq.embed_only else 0,
+                    return_hidden=capture,
                 )
             )
         out.hidden_layers = tuple(sorted(layers))

@@ -69,11 +69,14 @@ class Sequence:
     # Speculative tokens appended at the end of token_ids for this step only: verified (and
     # accepted or rolled back) by the step that computes them; never seen between steps.
     num_draft_tokens: int = 0
-    # An embedding sequence computes its tokens without sampling and keeps the hidden states
-    # of positions >= embed_start at these layers (the probe verifier's features).
-    embed_layers: tuple[int, ...] | None = None
-    embed_start: int = 0
+    # Hidden-state capture (the probe verifier's features): the states of positions >=
+    # hidden_start at these layers, kept as they are computed. An embed-only sequence computes
+    # its tokens without sampling and finishes.
+    hidden_layers: tuple[int, ...] | None = None
+    hidden_start: int = 0
+    embed_only: bool = False
     hidden_parts: list[torch.Tensor] = field(default_factory=list)
+    num_hidden_rows: int = 0  # rows captured: positions hidden_start .. + num_hidden_rows - 1
 
     def __post_init__(self) -> None:
         if self.params is None:
@@ -83,14 +86,40 @@ class Sequence:
 
     @property
     def hidden_states(self) -> torch.Tensor | None:
-        """(positions from embed_start, len(embed_layers), hidden) once computed, else None."""
-        return torch.cat(self.hidden_parts) if self.hidden_parts else None
+        """(captured positions from hidden_start, len(hidden_layers), hidden), else None."""
+        if not self.hidden_parts:
+            return None
+        if len(self.hidden_parts) > 1:  # concatenate once, keep the result
+            self.hidden_parts = [torch.cat(self.hidden_parts)]
+        return self.hidden_parts[0]
+
+    def capture_hidden(self, rows: torch.Tensor, start_pos: int) -> None:
+        """Keeps the rows of a computed chunk that starts at `start_pos` and lie at or after
+        the next uncaptured position (recomputation after preemption is not kept twice)."""
+        first = self.hidden_start + self.num_hidden_rows
+        skip = max(0, first - start_pos)
+        if skip < rows.shape[0]:
+            if start_pos + skip != first:
+                raise AssertionError("hidden-state capture skipped positions")
+            self.hidden_parts.append(rows[skip:])
+            self.num_hidden_rows += rows.shape[0] - skip
+
+    def trim_hidden(self, num_positions: int) -> None:
+        """Forgets captured rows at positions >= num_positions (rolled-back drafts)."""
+        keep = max(0, num_positions - self.hidden_start)
+        if keep < self.num_hidden_rows:
+            states = self.hidden_states
+            assert states is not None
+            self.hidden_parts = [states[:keep]] if keep else []
+            self.num_hidden_rows = keep
 
     @property
     def cacheable_len(self) -> int:
-        """How many leading tokens may come from the prefix cache: an embedding sequence must
+        """How many leading tokens may come from the prefix cache: a capturing sequence must
         compute every position it returns hidden states for."""
-        return self.embed_start + 1 if self.embed_layers is not None else self.num_tokens
+        if self.hidden_layers is None:
+            return self.num_tokens
+        return min(self.num_tokens, self.hidden_start + self.num_hidden_rows + 1)
 
     def drop_drafts(self) -> None:
         if self.num_draft_tokens:
@@ -138,4 +167,8 @@ class Sequence:
             status=self.status,
             logprobs=list(self.logprobs),
             top_logprobs=list(self.top_logprobs),
+            hidden_layers=self.hidden_layers,
+            hidden_start=self.hidden_start,
+            hidden_parts=list(self.hidden_parts),
+            num_hidden_rows=self.num_hidden_rows,
         )
