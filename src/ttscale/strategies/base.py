@@ -104,6 +104,13 @@ class Strategy:
             include_stop_str_in_output=True,
         )
 
+    def scorer_needs(self, query: Query) -> tuple[bool, tuple[int, ...] | None]:
+        """(retain, hidden_layers) the scorer wants its branches sampled with: a probe reads
+        hidden states kept while generating, plus one row over the branch's retained KV."""
+        scorer = query.scorer if self.needs_scorer else None
+        layers = getattr(scorer, "hidden_layers", None)
+        return bool(getattr(scorer, "needs_retained", False)), layers
+
     def score(
         self, session: Session, query: Query, branches: list[Branch]
     ) -> Generator[Wait, None, list[float]]:

@@ -30,7 +30,8 @@ class LevelSearch(Strategy):
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         params = self.step_params(query)
-        active = yield from session.sample(self.n, params, retain=True)
+        _, layers = self.scorer_needs(query)
+        active = yield from session.sample(self.n, params, retain=True, hidden_layers=layers)
         finished: list[Branch] = []
         stats: dict[str, list] = {}
         depth = 1
@@ -82,7 +83,8 @@ class DiverseVerifierTreeSearch(_WidthSplit):
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         params = self.step_params(query)
-        first = yield from session.sample(self.n, params, retain=True)
+        _, layers = self.scorer_needs(query)
+        first = yield from session.sample(self.n, params, retain=True, hidden_layers=layers)
         subtrees = [first[i : i + self.m] for i in range(0, self.n, self.m)]
         finished: list[Branch] = []
         depth = 1

@@ -31,7 +31,8 @@ class SampleThenSelect(Strategy):
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         params = self.sampling(query, temperature=0.0) if self.greedy else self.sampling(query)
-        branches = yield from session.sample(self.n, params)
+        retain, layers = self.scorer_needs(query)
+        branches = yield from session.sample(self.n, params, retain=retain, hidden_layers=layers)
         verdicts = self.verdicts(query, branches)
         # Only candidates that may be selected are scored: a verifier's verdict on cut-off or
         # looping text is not wanted, and skipping them saves its compute.

@@ -13,7 +13,10 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Generator, Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+
+import torch
 
 from ttscale.cost.usage import RunCost
 from ttscale.engine.llm_engine import LLMEngine
@@ -52,6 +55,9 @@ class Branch:
     stop_reason: str | int | None
     kv_blocks: frozenset[int] = frozenset()  # block ids it holds (shared ones included)
     scores: list[float] = field(default_factory=list)  # one per step, if a scorer ran
+    # Hidden states of its generated tokens but the last (never computed), when the session
+    # asked for them: (num generated - 1, len(layers), hidden). A verifier's features.
+    hidden: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -93,13 +99,22 @@ class Session:
     # ---- generation -----------------------------------------------------------------------
 
     def sample(
-        self, n: int, params: SamplingParams, retain: bool = False
+        self,
+        n: int,
+        params: SamplingParams,
+        retain: bool = False,
+        hidden_layers: Seq[int] | None = None,
     ) -> Generator[Wait, None, list[Branch]]:
         """n samples of the prompt (prefilled once, forked n ways). With `retain`, the
-        branches keep their KV so they can be expanded later."""
+        branches keep their KV so they can be expanded (or embedded) later; with
+        `hidden_layers`, they keep their hidden states at those layers (`Branch.hidden`)."""
         request_id = f"{self.tag}/{len(self._requests)}"
         request = self.engine.add_request(
-            request_id, self.prompt_token_ids, dataclasses.replace(params, n=n), retain=retain
+            request_id,
+            self.prompt_token_ids,
+            dataclasses.replace(params, n=n),
+            retain=retain,
+            hidden_layers=hidden_layers,
         )
         self._requests.append(request)
         # The n sequences appear when the prompt is prefilled; wait on the parent first.
@@ -138,6 +153,42 @@ class Session:
         self._track_kv()
         return branches
 
+    def embed_last(
+        self, branches: Seq[Branch], layers: Seq[int]
+    ) -> Generator[Wait, None, list[torch.Tensor | None]]:
+        """The hidden state (1, len(layers), hidden) of each retained branch's last token,
+        computed over its shared KV (one token per branch). None for a branch that holds no
+        KV (not retained, or dropped)."""
+        children: list[Sequence | None] = []
+        for b in branches:
+            live = b.seq_id in self._live
+            children.append(self.engine.fork_embed(b.seq_id, layers, 1) if live else None)
+        waiting = tuple(c for c in children if c is not None)
+        if waiting:
+            yield Wait(waiting)
+        out: list[torch.Tensor | None] = []
+        for c in children:
+            out.append(None if c is None else c.hidden_states)
+            if c is not None:
+                self.engine.drop(c.seq_id)
+        return out
+
+    def embed(
+        self, token_lists: Seq[Seq[int]], layers: Seq[int], start: int
+    ) -> Generator[Wait, None, list[torch.Tensor]]:
+        """Hidden states of positions >= start of each token list (a verifier's features when
+        no branch kept them), billed to this session; cached prefix blocks are reused."""
+        requests = [
+            self.engine.add_embed_request(
+                f"{self.tag}/e{len(self._requests)}-{i}", t, layers, start
+            )
+            for i, t in enumerate(token_lists)
+        ]
+        self._requests += requests
+        while not all(r.finished for r in requests):
+            yield Wait(tuple(s for r in requests for s in r.sequences))
+        return [r.sequences[0].hidden_states for r in requests]
+
     def drop(self, branches: Iterable[Branch]) -> None:
         """Frees branches that will not be expanded (pruned, or finished and recorded)."""
         for b in branches:
@@ -175,6 +226,7 @@ class Session:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             kv_blocks=self.engine.held_blocks(seq.seq_id),
+            hidden=seq.hidden_states,
         )
 
     def _track_kv(self) -> None:
