@@ -19,7 +19,11 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="HF folder or .gguf file (default: embedded SmolLM2)"),
 ]
 ScorerOpt = Annotated[
-    str, typer.Option(help="verifier for strategies that select by score: logprob, judge, rm:PATH")
+    str,
+    typer.Option(
+        help="verifier for strategies that select by score: logprob, judge, probe (the shipped "
+        "probe for the embedded model), probe:PATH, rm:PATH"
+    ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
 KvOpt = Annotated[float | None, typer.Option(help="KV cache size in GB (default: automatic)")]
@@ -166,6 +170,11 @@ def _result_json(result: Any) -> dict[str, Any]:
     }
 
 
+def _model_bound(scorer: str) -> bool:
+    """A scorer that must match the model (a probe reads its hidden states)."""
+    return scorer == "probe" or scorer.startswith("probe:")
+
+
 def solve_cmd(
     question: Annotated[str, typer.Argument(help="the question")],
     strategy: Annotated[str, typer.Option("--strategy", "-s")] = "majority@8",
@@ -192,11 +201,16 @@ def solve_cmd(
     strategy = specs[0]
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
-        the_scorer = load_scorer(scorer) if make_strategy(strategy).needs_scorer else None
+        needs_scorer = make_strategy(strategy).needs_scorer
+        # Built-in scorers load now (a typo costs no model load); a probe is checked against
+        # the model, so it loads right after it, still before any sampling.
+        the_scorer = load_scorer(scorer) if needs_scorer and not _model_bound(scorer) else None
     except ValueError as e:
         _fail(e)
     llm = _load_llm(model, threads, kv_cache_gb)
     try:
+        if needs_scorer and the_scorer is None:
+            the_scorer = load_scorer(scorer, llm.source)
         query = make_query(
             llm, question, params=params, scorer=the_scorer, hygiene=Hygiene(enabled=hygiene)
         )

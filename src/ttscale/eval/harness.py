@@ -99,9 +99,9 @@ def run_eval(
 
     scorer: Scorer | None = None
     if any(s.needs_scorer for s in built.values()):
-        scorer = load_scorer(scorer_spec)
+        scorer = load_scorer(scorer_spec, llm.source)
     elif not scorer_spec.startswith("rm:"):  # it is in the settings: a typo must not be
-        load_scorer(scorer_spec)  # cheap for the built-in ones; a reward model is not loaded
+        load_scorer(scorer_spec, llm.source)  # cheap but a reward model, which is not loaded
 
     settings = run_settings(llm, task, params, seed, scorer_spec, search, hygiene)
     prepare_out_dir(out_dir, settings, resume)

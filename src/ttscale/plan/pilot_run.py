@@ -147,7 +147,7 @@ def run_wave(
     if any(s.needs_scorer for s in built.values()):
         from ttscale.scorers import load_scorer
 
-        the_scorer = load_scorer(scorer)
+        the_scorer = load_scorer(scorer, llm.source)
     out: list[tuple[StrategyResult, float]] = []
     for start in range(0, len(problems), concurrency):
         chunk = list(range(start, min(start + concurrency, len(problems))))

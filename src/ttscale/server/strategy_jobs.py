@@ -44,9 +44,12 @@ async def run_strategy_request(
     scorer = None
     if strategy.needs_scorer:
         spec = extras.get("scorer", "logprob")
-        if spec not in ("logprob", "judge"):  # no loading of arbitrary files from requests
-            raise APIError(400, "ttscale.scorer must be logprob or judge", "ttscale.scorer")
-        scorer = load_scorer(spec)
+        if spec not in ("logprob", "judge", "probe"):  # no arbitrary files from requests
+            raise APIError(400, "ttscale.scorer must be logprob, judge or probe", "ttscale.scorer")
+        try:
+            scorer = load_scorer(spec, app.state.llm.source)
+        except ValueError as e:  # the shipped probe is for the embedded model only
+            raise APIError(400, str(e), param="ttscale.scorer") from None
     llm = app.state.llm
     question = job.prompt or llm.tokenizer.decode(job.token_ids)
     query = Query(
