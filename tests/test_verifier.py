@@ -147,6 +147,7 @@ def test_selection_rules_on_one_problem():
         "majority": False,
         "top1": False,
         "weighted": True,
+        "weighted_softmax": True,
         "pass": True,
     }
     clean = select(view, hygiene=True)  # the cut-off candidate no longer wins top-1
@@ -353,3 +354,52 @@ def test_features_and_probe_scores_come_from_the_engine(llm, model_dir, tmp_path
     scores = loaded.score(llm, it.prompt_token_ids, [x.token_ids for x in it.candidates])
     direct = loaded.head(feats[3:6, 0].float().reshape(3, -1)).tolist()
     assert scores == pytest.approx(direct, abs=1e-2)
+
+
+def test_step_cuts_and_prefix_rows():
+    from ttscale.verifier.features import prefix_rows
+    from ttscale.verifier.process import step_cuts
+
+    pieces = {1: "2 + 3", 2: " = 5.\n", 3: "So", 4: "\n", 5: "Answer: 5", 6: "\n"}
+    assert step_cuts(pieces.__getitem__, [1, 2, 3, 4, 5, 6]) == [2, 4]  # not the full one
+    assert step_cuts(pieces.__getitem__, [1, 2, 3, 4, 5, 6], max_steps=1) == [4]
+    h = torch.randn(6, 2, 3)
+    assert torch.equal(prefix_rows(h, [2, 4]), h[[1, 3]])
+
+
+def test_process_labels_are_rollout_success_rates(llm):
+    from ttscale.verifier.process import process_labels
+
+    task = EchoTask()
+    problems = task.problems(2)
+    items = sample_problems(llm, task, problems, samples=2, temperature=1.0, max_tokens=12, seed=3)
+    labels = process_labels(llm, task, problems, items, rollouts=3, max_tokens=12)
+    for lab in labels:
+        assert lab.rollouts == 3 and lab.value in (0.0, 1 / 3, 2 / 3, 1.0)
+        assert (
+            1
+            <= lab.cut
+            < len(items[int(lab.problem_id.split(":")[-1])].candidates[lab.candidate].token_ids)
+        )
+    with pytest.raises(ValueError, match="does not match"):
+        process_labels(llm, task, problems[::-1], items)
+
+
+def test_soft_targets_train():
+    x, y, g = synthetic(seed=6)
+    soft = np.where(y, 0.8, 0.1)
+    model = train_head(x, soft, g, TrainConfig(loss="bce", epochs=100))
+    with torch.no_grad():
+        assert auroc(model(x).numpy(), y) > 0.9
+
+
+def test_heads_are_calibrated_whatever_the_loss():
+    from ttscale.verifier.metrics import calibration
+
+    x, y, g = synthetic(seed=7)
+    for loss in ("pairwise", "bce"):
+        model = train_head(x, y, g, TrainConfig(loss=loss, epochs=100))
+        with torch.no_grad():
+            p = torch.sigmoid(model(x)).numpy()
+        assert abs(p.mean() - y.mean()) < 0.03  # the base rate, not 0.5 or a balanced one
+        assert calibration(model(x).detach().numpy(), y)["ece"] < 0.08

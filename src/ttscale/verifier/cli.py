@@ -115,3 +115,7 @@ def train_verifier(
         f"{test['within_auroc']:.3f}; weighted vs majority: "
         f"{test['tests']['weighted_vs_majority']}"
     )
+
+
+if __name__ == "__main__":
+    typer.run(train_verifier)

@@ -72,6 +72,13 @@ def pool(
     return torch.stack(out)
 
 
+def prefix_rows(hidden: torch.Tensor, cuts: Sequence[int]) -> torch.Tensor:
+    """Features of step prefixes: the row of each prefix's last token, ``(len(cuts), L, H)``.
+    ``hidden`` holds the candidate's rows only; a prefix of ``cut`` tokens ends at row
+    ``cut - 1`` (causal attention: later tokens do not change it)."""
+    return hidden[torch.as_tensor([c - 1 for c in cuts], dtype=torch.long)]
+
+
 def extract_features(
     llm: LLM,
     items: Sequence[ProblemSamples],

@@ -66,14 +66,19 @@ def select(view: ProblemView, hygiene: bool = False) -> dict[str, bool]:
         keep = [i for i in keep if view.finished[i]]
     answers = [view.answers[i] for i in keep]
     scores = [view.scores[i] for i in keep]
-    # Sigmoid weights: a vote weight must be >= 0 (see majority_vote).
-    weights = [1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, s)))) for s in scores]
+    # "weighted": sigmoid weights, P(correct) of a calibrated head (train.py applies Platt
+    # scaling), as the probe scorer hands them to the weighted@N strategy. "weighted_softmax":
+    # exp(s - max s) within the problem, blind to the logit's offset: a soft best-of-N.
+    top_s = max(scores)
+    soft = [math.exp(s - top_s) for s in scores]
+    sig = [1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, s)))) for s in scores]
     top = keep[max(range(len(keep)), key=lambda j: scores[j])]
     return {
         "greedy": view.greedy_correct,
         "majority": _winner_correct(view, majority_vote(answers)[0]),
         "top1": bool(view.correct[top]),
-        "weighted": _winner_correct(view, majority_vote(answers, weights)[0]),
+        "weighted": _winner_correct(view, majority_vote(answers, sig)[0]),
+        "weighted_softmax": _winner_correct(view, majority_vote(answers, soft)[0]),
         "pass": any(view.correct),
     }
 
@@ -100,13 +105,31 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
     return {"wins": wins, "losses": losses, "p_value": p}
 
 
+def calibration(
+    logits: Sequence[float], labels: Sequence[bool], bins: int = 10
+) -> dict[str, float]:
+    """Brier score and expected calibration error (equal-width bins) of sigmoid(logit) as
+    P(correct)."""
+    p = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(logits, dtype=np.float64), -50, 50)))
+    y = np.asarray(labels, dtype=np.float64)
+    if len(p) == 0:
+        return {"brier": math.nan, "ece": math.nan}
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    ece = sum(
+        abs(p[which == b].mean() - y[which == b].mean()) * (which == b).mean()
+        for b in range(bins)
+        if (which == b).any()
+    )
+    return {"brier": float(np.mean((p - y) ** 2)), "ece": float(ece)}
+
+
 def evaluate(views: Sequence[ProblemView], hygiene: bool = False) -> dict[str, object]:
     """Accuracies with bootstrap 95% intervals, paired tests of the probe's rules against
     majority and greedy, pooled and mean within-problem AUROC."""
     rows = [select(v, hygiene) for v in views]
     out: dict[str, object] = {"n_problems": len(views), "hygiene": hygiene}
     acc: dict[str, dict[str, float]] = {}
-    for rule in ("greedy", "majority", "top1", "weighted", "pass"):
+    for rule in ("greedy", "majority", "top1", "weighted", "weighted_softmax", "pass"):
         vals = np.array([r[rule] for r in rows], dtype=np.float64)
         lo, hi = bootstrap_ci(vals)
         acc[rule] = {"accuracy": float(vals.mean()) if len(vals) else math.nan, "lo": lo, "hi": hi}
@@ -125,6 +148,7 @@ def evaluate(views: Sequence[ProblemView], hygiene: bool = False) -> dict[str, o
     all_scores = [s for v in views for s in v.scores]
     all_labels = [c for v in views for c in v.correct]
     out["pooled_auroc"] = auroc(all_scores, all_labels)
+    out["calibration"] = calibration(all_scores, all_labels)
     within = [a for v in views if (a := auroc(v.scores, v.correct)) is not None]
     out["within_auroc"] = float(np.mean(within)) if within else None
     out["mixed_problems"] = len(within)

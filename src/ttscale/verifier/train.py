@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ttscale.threads import one_torch_thread
+
 HEADS = ("logreg", "mlp")
 LOSSES = ("bce", "pairwise", "both")
 
@@ -74,16 +76,24 @@ def within_pairs(labels: np.ndarray, groups: np.ndarray) -> torch.Tensor:
 def train_head(
     x: torch.Tensor, labels: np.ndarray, groups: np.ndarray, config: TrainConfig
 ) -> ProbeHead:
-    """A head fitted on ``x`` ``(N, D)``; ``labels`` bool ``(N,)``, ``groups`` problem ids
-    ``(N,)``. Deterministic for a given seed."""
+    """A head fitted on ``x`` ``(N, D)``; ``labels`` ``(N,)`` bool, or soft targets in [0, 1]
+    (process labels: a rollout success rate; pairs then use targets >= 0.5); ``groups``
+    problem ids ``(N,)``. Deterministic for a given seed."""
+    with one_torch_thread():  # tiny matmuls: a thread barrier per op costs more than the op
+        return _train(x, labels, groups, config)
+
+
+def _train(
+    x: torch.Tensor, labels: np.ndarray, groups: np.ndarray, config: TrainConfig
+) -> ProbeHead:
     torch.manual_seed(config.seed)
     x = x.float()
-    labels = np.asarray(labels, dtype=bool)
+    targets = np.asarray(labels, dtype=np.float32)
     model = ProbeHead(x.shape[1], config.head, config.hidden)
     model.mean.copy_(x.mean(0))
     model.std.copy_(x.std(0).clamp_min(1e-4))
-    y = torch.from_numpy(labels.astype(np.float32))
-    pairs = within_pairs(labels, np.asarray(groups))
+    y = torch.from_numpy(targets)
+    pairs = within_pairs(targets >= 0.5, np.asarray(groups))
     use_pairs = config.loss in ("pairwise", "both") and len(pairs) > 0
     use_bce = config.loss in ("bce", "both") or not use_pairs
     # Class balance for BCE: correct candidates are a minority on hard tasks.
@@ -103,7 +113,33 @@ def train_head(
         loss.backward()
         opt.step()
     model.eval()
+    _calibrate(model, x, y)
     return model
+
+
+def _calibrate(model: ProbeHead, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Platt scaling folded into the last layer: sigmoid(a * s + b) fitted by plain BCE, so
+    the sigmoid of a logit estimates P(correct) whatever the loss (a pairwise loss leaves the
+    bias untrained; class-balanced BCE shifts it). Order within a problem is unchanged."""
+    with torch.no_grad():
+        s = model(x)
+    a = torch.ones((), requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([a, b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(a * s + b, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    last = model.net[-1]
+    assert isinstance(last, nn.Linear)
+    with torch.no_grad():
+        scale = a.detach().clamp_min(1e-3)  # a must stay positive: ranking is the head's job
+        last.weight.mul_(scale)
+        last.bias.mul_(scale).add_(b.detach())
 
 
 def group_folds(groups: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
