@@ -170,6 +170,7 @@ EXTRA_OF = {
 NEEDS = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "eval": ("matplotlib",),
+    "train-verifier": ("reasoning_gym",),
 }
 
 
@@ -210,6 +211,7 @@ def _register_subsystem_commands() -> None:
     from ttscale.eval.cli import eval_cmd, solve_cmd
     from ttscale.plan.cli import plan_cmd
     from ttscale.server.cli import serve
+    from ttscale.verifier.cli import train_verifier
 
     commands = {
         "cost": (cost, "Predict a run's cost on some hardware without running it."),
@@ -218,6 +220,10 @@ def _register_subsystem_commands() -> None:
         "eval": (eval_cmd, "Compare strategies on a task: table, JSONL, Pareto plot."),
         "solve": (solve_cmd, "Answer one question with a strategy; show votes and cost."),
         "plan": (plan_cmd, "Plan test-time compute per difficulty within a budget."),
+        "train-verifier": (
+            train_verifier,
+            "Train a probe verifier on the policy's hidden states (samples, labels, fit).",
+        ),
     }
     for name, (command, help_text) in commands.items():
         app.command(name, help=help_text)(_needs_extras(name, command))
