@@ -403,3 +403,33 @@ def test_heads_are_calibrated_whatever_the_loss():
             p = torch.sigmoid(model(x)).numpy()
         assert abs(p.mean() - y.mean()) < 0.03  # the base rate, not 0.5 or a balanced one
         assert calibration(model(x).detach().numpy(), y)["ece"] < 0.08
+
+
+def test_train_verifier_refuses_bad_input_before_loading_a_model(monkeypatch, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    import ttscale.llm
+    from ttscale.verifier.cli import train_verifier
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(ttscale.llm, "LLM", no_model)
+    app = typer.Typer()
+    app.command()(train_verifier)
+    runner = CliRunner()
+    jsonl = tmp_path / "qs.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(300))
+    )
+    cases = [
+        (["--task", "no_such_task"], "unknown task"),
+        (["--task", "arithmetic", "--n-problems", "5"], "too few"),
+        (["--task", str(jsonl), "--n-problems", "100", "--test-problems", "50"], "same problems"),
+        (["--task", str(jsonl), "--n-problems", "400"], "too few problems to hold out"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "p")])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())

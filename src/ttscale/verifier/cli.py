@@ -59,7 +59,7 @@ def train_verifier(
     correct; report held-out accuracy of probe-selected / probe-weighted answers."""
     from ttscale.errors import ModelLoadError
     from ttscale.tasks import load_task
-    from ttscale.verifier.data import check_task_has_checker
+    from ttscale.verifier.data import check_split
     from ttscale.verifier.pipeline import VerifierRun
     from ttscale.verifier.pipeline import train_verifier as run_pipeline
 
@@ -81,7 +81,7 @@ def train_verifier(
             data_dir=data_dir,
         )
         task_obj = load_task(task, difficulty)
-        check_task_has_checker(task_obj, task_obj.problems(min(n_problems, 8), 7_000))
+        check_split(task_obj, n_problems, test_problems)
     except ValueError as e:
         _fail(e)
 

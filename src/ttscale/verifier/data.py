@@ -94,6 +94,26 @@ def check_task_has_checker(task: Task, problems: Sequence[Problem]) -> None:
         )
 
 
+def check_split(task: Task, n_train: int, n_test: int) -> None:
+    """Training and test problems must exist in the numbers asked and never overlap: a task
+    that ignores the seed (a JSONL file read in order) would test on its training problems."""
+    train = task.problems(n_train, TRAIN_SEED_BASE)
+    test = task.problems(n_test, TEST_SEED)
+    if len(train) < n_train or len(test) < n_test:
+        raise ValueError(
+            f"task {task.name!r} gave {len(train)} training and {len(test)} test problems for "
+            f"{n_train} + {n_test} asked: too few problems to hold out"
+        )
+    overlap = {p.id for p in train} & {p.id for p in test}
+    if overlap:
+        raise ValueError(
+            f"task {task.name!r} gives the same problems for seeds {TRAIN_SEED_BASE} and "
+            f"{TEST_SEED} ({len(overlap)} shared, e.g. {sorted(overlap)[0]}): it cannot hold "
+            "problems out; use a task whose problems depend on the seed"
+        )
+    check_task_has_checker(task, train + test)
+
+
 def sampling_settings(
     task: Task, samples: int, temperature: float, top_p: float, max_tokens: int, seed: int
 ) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ttscale.verifier.data import (
     TEST_SEED,
     TRAIN_SEED_BASE,
     build_dataset,
-    check_task_has_checker,
+    check_split,
 )
 from ttscale.verifier.features import POOLINGS, extract_features
 from ttscale.verifier.fit import FeatureTable, fit_and_test, search
@@ -126,8 +126,8 @@ def train_verifier(
 ) -> tuple[Probe, dict[str, Any]]:
     """Runs everything and saves the probe to ``run.out``; returns it and its report."""
     t_start = time.perf_counter()
-    # Bad input before any sampling: a task without references cannot be labelled.
-    check_task_has_checker(task, task.problems(min(run.n_problems, 8), TRAIN_SEED_BASE))
+    # Bad input before any sampling: no references (no labels), or no disjoint test set.
+    check_split(task, run.n_problems, run.test_problems)
     layers = run.layers or default_layers(llm.config.num_hidden_layers)
     if max(layers) > llm.config.num_hidden_layers or min(layers) < 0:
         raise ValueError(f"layers must be in 0..{llm.config.num_hidden_layers}")
