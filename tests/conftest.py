@@ -131,3 +131,12 @@ def llm(model_dir):
     from ttscale import LLM
 
     return LLM(model_dir, kv_cache_gb=0.01, block_size=4)
+
+
+def assert_pool_full(llm) -> None:
+    """After a scenario: the KV bookkeeping is consistent, every block is free again and the
+    engine holds no request (checked through the engine's public views)."""
+    llm.engine.check_integrity()
+    kv = llm.engine.kv_stats()
+    assert kv["num_free_blocks"] == kv["num_blocks"]
+    assert not llm.engine.requests and not llm.engine.sequences

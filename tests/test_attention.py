@@ -115,7 +115,9 @@ def test_layers_with_different_windows_in_one_step():
     """Local and global layers (Gemma-3 style) in one step: one decode layout per window."""
     torch.manual_seed(3)
     tables, ctx = [[0, 1, 2, 10], [0, 1, 2, 11]], [14, 15]
-    slots = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, ctx)])
+    slots = torch.tensor(
+        [t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, ctx, strict=True)]
+    )
     meta = AttentionMetadata(slots, [1, 1], ctx, tables, BS)
     specs = [AttentionLayerSpec(0, D**-0.5, sliding_window=4), AttentionLayerSpec(1, D**-0.5)]
     caches = [KVCache(2, 64, BS, KVH, D) for _ in range(2)]

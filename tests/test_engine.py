@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import assert_pool_full, make_tiny_model
 from ttscale import LLM, SamplingParams
 
 GREEDY_LONG = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -25,13 +25,6 @@ def make_llm(model_dir, **options) -> LLM:
     options.setdefault("kv_cache_gb", 0.01)
     options.setdefault("block_size", 4)
     return LLM(model_dir[0], **options)
-
-
-def assert_pool_full(llm: LLM) -> None:
-    bm = llm.engine.block_manager
-    bm.check_integrity()
-    assert bm.num_free_blocks == bm.num_blocks
-    assert not llm.engine.requests and not llm.engine.sequences
 
 
 PROMPTS = [

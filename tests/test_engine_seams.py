@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import assert_pool_full, make_tiny_model
 from ttscale import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
@@ -31,13 +31,6 @@ def make_llm(model_dir, **options) -> LLM:
     options.setdefault("kv_cache_gb", 0.01)
     options.setdefault("block_size", 4)
     return LLM(model_dir[0], **options)
-
-
-def assert_pool_full(llm: LLM) -> None:
-    llm.engine.check_integrity()
-    stats = llm.engine.kv_stats()
-    assert stats["num_free_blocks"] == stats["num_blocks"]
-    assert not llm.engine.requests and not llm.engine.sequences
 
 
 class OracleProposer:

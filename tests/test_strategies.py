@@ -10,7 +10,7 @@ from collections.abc import Generator, Sequence
 
 import pytest
 
-from tests.conftest import make_tiny_model
+from tests.conftest import assert_pool_full, make_tiny_model
 from ttscale import LLM, SamplingParams
 from ttscale.scorers import MeanLogprobScorer, ScoreContext, aggregate
 from ttscale.strategies import SearchConfig, make_strategy
@@ -38,13 +38,6 @@ def llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     make_tiny_model(path, "qwen2")
     return LLM(path, kv_cache_gb=0.01, block_size=4)
-
-
-def assert_pool_full(llm: LLM) -> None:
-    llm.engine.check_integrity()
-    kv = llm.engine.kv_stats()
-    assert kv["num_free_blocks"] == kv["num_blocks"]
-    assert not llm.engine.requests
 
 
 class LengthScorer:
