@@ -447,6 +447,16 @@ def test_cli(model_dir, task_file, tmp_path):
     assert (tmp_path / "t" / "pilot.json").is_file()
     plain = runner.invoke(app, [*args, "-b", "100", "--holdout", "0"])
     assert plain.exit_code == 0 and "plan (" in plain.stdout
+    # A temperature sweep: one pilot per temperature, the plan with the best prediction kept.
+    swept = tmp_path / "swept"
+    sweep = [*args, "-b", "100", "--holdout", "0", "--temperatures", "0.3,1.0", "--json"]
+    res = runner.invoke(app, [*sweep, "--out", str(swept)])
+    assert res.exit_code == 0, res.output
+    assert (swept / "pilot.t0.3.json").is_file() and (swept / "pilot.t1.json").is_file()
+    assert "chosen: temperature" in res.stderr
+    chosen = json.loads(res.stdout)["plan"]
+    assert chosen["pilot"]["params"]["temperature"] in (0.3, 1.0)
+    one_line_error(runner.invoke(app, [*args, "-b", "5", "--temperatures", "hot"]), "temperatures")
 
 
 def test_module_help():

@@ -83,6 +83,18 @@ def _check(
     return measure
 
 
+def _temperatures(spec: str | None, default: float) -> list[float]:
+    if spec is None:
+        return [default]
+    try:
+        values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--temperatures must be comma-separated numbers, not {spec!r}")
+    if not values or any(not 0 <= t <= 100 for t in values):
+        _fail("--temperatures must list values in [0, 100]")
+    return list(dict.fromkeys(values))
+
+
 def plan_cmd(
     budget_seconds: Annotated[
         float,
@@ -108,6 +120,13 @@ def plan_cmd(
     model: ModelOpt = None,
     max_tokens: int = 128,
     temperature: float = 0.7,
+    temperatures: Annotated[
+        str | None,
+        typer.Option(
+            help="sweep the pilot over these sampling temperatures (comma-separated) and keep "
+            "the plan that predicts the best accuracy within the budget; overrides --temperature"
+        ),
+    ] = None,
     top_p: float = 0.95,
     seed: Annotated[int, typer.Option(help="problem set and sampling seed")] = 0,
     bins: Annotated[int, typer.Option(help="difficulty bins (by pilot pass rate)")] = 3,
@@ -160,7 +179,10 @@ def plan_cmd(
         budget_seconds, pilot_problems, pilot_samples, holdout, bins, binning, probe_samples,
         routing, epsilon, problems, candidates, hardware, concurrency,
     )  # fmt: skip
-    params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sweep = _temperatures(temperatures, temperature)
+    all_params = [
+        _params(max_tokens=max_tokens, temperature=t, top_p=top_p, seed=seed) for t in sweep
+    ]
     try:  # before the model: a typo should not cost a model load
         the_task = load_task(task, difficulty)
     except ValueError as e:
@@ -172,38 +194,63 @@ def plan_cmd(
     def log(msg: str) -> None:
         err.print(f"[dim]{escape(msg)}[/dim]")
 
-    try:
-        the_pilot = pilot(
-            llm,
-            the_task,
-            pilot_problems,
-            pilot_samples,
-            seed,
-            params,
-            measure=measure,
-            scorer=scorer,
-            concurrency=concurrency,
-            log=log,
-        )
-    except ValueError as e:  # prompt too long, bad scorer, empty task
-        _fail(e)
-    _write(out, PILOT_FILE, the_pilot.to_dict())  # kept even if the budget turns out too small
-    try:
-        plan = make_plan(
-            the_pilot,
-            budget_seconds,
-            problems or holdout or len(the_pilot.problems),
-            candidates,
-            n_bins=bins,
-            binning=binning,
-            probe_samples=probe_samples,
-            routing=routing,
-            epsilon=epsilon,
-            hardware=hardware,
-            seed=seed,
-        )
-    except (InfeasibleBudget, ValueError) as e:
-        _fail(e)
+    # One pilot and one plan per temperature: the best N-sample strategy may want a cooler
+    # sampler than one sample would (a vote needs diverse, not wild, samples).
+    plans = []
+    for t, params in zip(sweep, all_params, strict=True):
+        if len(sweep) > 1:
+            log(f"pilot at temperature {t:g}")
+        try:
+            the_pilot = pilot(
+                llm,
+                the_task,
+                pilot_problems,
+                pilot_samples,
+                seed,
+                params,
+                measure=measure,
+                scorer=scorer,
+                concurrency=concurrency,
+                log=log,
+            )
+        except ValueError as e:  # prompt too long, bad scorer, empty task
+            _fail(e)
+        suffix = "" if len(sweep) == 1 else f".t{t:g}"
+        _write(out, PILOT_FILE.replace(".json", f"{suffix}.json"), the_pilot.to_dict())
+        try:
+            plan = make_plan(
+                the_pilot,
+                budget_seconds,
+                problems or holdout or len(the_pilot.problems),
+                candidates,
+                n_bins=bins,
+                binning=binning,
+                probe_samples=probe_samples,
+                routing=routing,
+                epsilon=epsilon,
+                hardware=hardware,
+                seed=seed,
+            )
+        except (InfeasibleBudget, ValueError) as e:
+            if len(sweep) == 1:
+                _fail(e)
+            log(f"temperature {t:g}: {e}")
+            continue
+        plans.append((t, plan))
+    if not plans:
+        _fail("no temperature gives a plan within the budget")
+    if len(plans) > 1:
+        for t, p in plans:
+            err.print(
+                f"temperature {t:g}: predicted accuracy {p.predicted_accuracy:.1%}, "
+                f"{p.predicted_total_seconds:.0f} s"
+            )
+    # Best predicted accuracy; a tie goes to the cheaper plan.
+    chosen_t, plan = max(
+        plans, key=lambda tp: (tp[1].predicted_accuracy, -tp[1].predicted_total_seconds)
+    )
+    if len(plans) > 1:
+        err.print(f"chosen: temperature {chosen_t:g}")
     _write(out, PLAN_FILE, plan.to_dict())
     console.print(plan_table(plan))
     for note in plan.notes:
