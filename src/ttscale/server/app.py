@@ -1,17 +1,19 @@
 """The OpenAI-compatible HTTP API over one LLM: `create_app(llm, ServerConfig(...))`.
 
-Request path: validate (400 naming the field; `validation.py`) -> tokenize ->
-`EngineLoop.submit` (429 when the waiting queue is full) -> `request_deltas`, the one async
-generator per request that turns engine outputs into per-choice deltas (`streaming.py`).
-Streaming replies format each delta as an SSE chunk; non-streaming replies consume the same
-generator and join the deltas. A body with a `ttscale` field runs a strategy instead
-(`strategy_jobs.py`); `auth.py` checks the API key.
+Request path: body size (413 past the limit; `limits.py`) -> validate and tokenize on the
+tokenizer thread (400 naming the field, worst-case KV checked; `validation.py`,
+`admission.py`) -> `EngineLoop.submit` (429 when the waiting queue is full) ->
+`request_deltas`, the one async generator per request that turns engine outputs into
+per-choice deltas (`streaming.py`). Streaming replies format each delta as an SSE chunk;
+non-streaming replies consume the same generator and join the deltas. A body with a `ttscale`
+field runs a strategy instead (`strategy_jobs.py`); `auth.py` checks the API key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,55 +23,74 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ttscale.llm import LLM
+from ttscale.server.admission import Pool
 from ttscale.server.auth import APIKeyMiddleware
 from ttscale.server.config import ServerConfig
-from ttscale.server.engine_loop import EngineFailure, EngineLoop, QueueFullError
-from ttscale.server.errors import APIError, engine_error
+from ttscale.server.engine_loop import EngineFailure, EngineLoop, QueueFullError, RequestHandle
+from ttscale.server.errors import APIError, engine_error, queue_full
+from ttscale.server.limits import BodySizeLimitMiddleware
 from ttscale.server.metrics import ServerMetrics
 from ttscale.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Formatter,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenTexts,
 )
 from ttscale.server.strategy_jobs import run_strategy_request
 from ttscale.server.streaming import (
     AbortingStreamingResponse,
+    batch_deltas,
     collect,
-    request_deltas,
     sse_stream,
     until_disconnected,
 )
-from ttscale.server.validation import Job, chat_job, completion_job
+from ttscale.server.validation import (
+    Job,
+    chat_job,
+    completion_job,
+    detokenize_body,
+    tokenize_body,
+)
 
+# Documented so clients and schemathesis know them.
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse}
-    for code in (400, 401, 429, 500, 501)  # documented so clients and schemathesis know them
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 501)
 }
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics()
     engine_loop = EngineLoop(llm.engine, metrics, config.max_waiting)
+    pool = Pool(engine_loop.pool_blocks, engine_loop.block_size)
+    engine_loop.job_kv_blocks = pool.share(config.strategy_kv_share)
     created = int(time.time())
+    # One thread: HF tokenizers are not meant for concurrent calls, and one tokenizer busy
+    # with a huge prompt must not stall the event loop (health checks, streams).
+    tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="ttscale-tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine_loop.start()
         yield
         await asyncio.to_thread(engine_loop.stop)
+        tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ttscale", version="0.1.0", lifespan=lifespan)
     app.state.llm = llm
     app.state.config = config
     app.state.engine_loop = engine_loop
     app.state.metrics = metrics
-    if config.api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key:  # added last: outermost, so the key is checked before the body
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
     token_text = TokenTexts(llm.tokenizer)
@@ -104,34 +125,42 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     # -- endpoints
     def check_model(name: str | None) -> None:
         if name is not None and name not in config.model_names:
-            raise APIError(
-                400,
+            raise APIError(  # 404, as OpenAI and vLLM answer
+                404,
                 f"model {name!r} is not served here; available: {', '.join(config.model_names)}",
                 param="model",
                 code="model_not_found",
             )
 
+    async def off_loop(fn, *args):
+        """Tokenizing and templating take seconds on a large prompt: never on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
+
     async def serve(job: Job, request: Request) -> Response:
+        handles: list[RequestHandle] = []
         try:
-            handle = engine_loop.submit(job.token_ids, job.params, job.prompt)
-        except QueueFullError:
-            metrics.requests_rejected.inc()
-            raise APIError(
-                429,
-                "too many requests waiting; retry later",
-                type="rate_limit_error",
-                headers={"Retry-After": str(config.retry_after_s)},
-            ) from None
-        except EngineFailure as e:
+            for p in job.prompts:
+                handles.append(engine_loop.submit(p.token_ids, job.params, p.text))
+        except (QueueFullError, EngineFailure) as e:
+            for handle in handles:  # a batch is accepted whole or not at all
+                handle.abort()
+            if isinstance(e, QueueFullError):
+                raise queue_full(config.retry_after_s, metrics) from None
             raise engine_error(e) from None
-        fmt = Formatter(job.kind, job.model, job.params.n, token_text)
-        deltas = request_deltas(handle)
+        num_choices = len(handles) * job.params.n
+        fmt = Formatter(job.kind, job.model, num_choices, token_text)
+        deltas = batch_deltas(handles, job.params.n)
+
+        def abort() -> None:
+            for handle in handles:
+                handle.abort()
+
         if job.stream:
             return AbortingStreamingResponse(
-                sse_stream(deltas, fmt, job.include_usage), on_close=handle.abort
+                sse_stream(deltas, fmt, job.include_usage), on_close=abort
             )
         # Non-streaming: also watch the connection, so a client that gives up frees its KV.
-        work = asyncio.ensure_future(collect(deltas, job.params.n))
+        work = asyncio.ensure_future(collect(deltas, num_choices))
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -140,7 +169,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             finished = work.done()
             if not finished:
                 work.cancel()
-            handle.abort()
+            abort()
         if not finished:
             return Response(status_code=499)  # the client left; nobody reads this
         try:
@@ -161,6 +190,21 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=n, created=created) for n in config.model_names])
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+    async def retrieve_model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return ModelCard(id=model_id, created=created)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        check_model(body.model)
+        return await off_loop(tokenize_body, body, llm)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(body.model)
+        return await off_loop(detokenize_body, body, llm)
+
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
@@ -168,7 +212,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = completion_job(body, llm, config)
+        job = await off_loop(completion_job, body, llm, config, pool)
         if body.ttscale is not None:
             return await run_strategy_request(app, job, body.ttscale, request)
         return await serve(job, request)
@@ -180,7 +224,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = chat_job(body, llm, config)
+        job = await off_loop(chat_job, body, llm, config, pool)
         if body.ttscale is not None:
             return await run_strategy_request(app, job, body.ttscale, request)
         return await serve(job, request)

@@ -108,14 +108,44 @@ class _Call:
     future: concurrent.futures.Future
 
 
-@dataclass
+class JobCancelled(Exception):
+    """The job was cancelled (its client left) before it finished."""
+
+
+@dataclass(eq=False)
 class _Job:
     """A strategy generator (see ttscale.tts.session): advanced between engine steps,
-    so its branches batch with every other request."""
+    so its branches batch with every other request.
+
+    `blocks` is its worst-case KV, reserved while it runs: jobs start in order while the
+    reservations of running jobs stay within `EngineLoop.job_kv_blocks`, so the rest of the
+    pool always remains for ordinary requests.
+    """
 
     gen: Generator[Any, None, Any]
     future: concurrent.futures.Future
+    blocks: int
+    submitted_at: float
     wait: Any = None
+    generated: dict[str, int] = field(default_factory=dict)  # engine request id -> tokens
+
+
+class JobHandle:
+    """A submitted strategy job as the event loop sees it."""
+
+    def __init__(self, engine_loop: EngineLoop, job: _Job) -> None:
+        self._engine_loop, self._job = engine_loop, job
+        self.future = job.future
+
+    def cancel(self) -> None:
+        """Stops the job and frees its KV at the engine's next iteration; idempotent."""
+        if not self.future.done():
+            self._engine_loop._command(_CancelJob(self._job))
+
+
+@dataclass
+class _CancelJob:
+    job: _Job
 
 
 @dataclass
@@ -134,15 +164,23 @@ class _Tracked:
 class EngineLoop:
     engine: LLMEngine
     metrics: ServerMetrics | None = None
-    max_waiting: int = 256  # accepted requests not yet running; beyond it submit() refuses
+    max_waiting: int = 256  # accepted requests and jobs not yet running; beyond: refused
+    job_kv_blocks: int | None = None  # worst-case KV all running jobs may reserve (None: all)
     snapshot: dict[str, Any] = field(default_factory=dict)  # engine state, for metrics/tests
     num_aborted: int = 0  # requests aborted while still in the engine
+    num_jobs_cancelled: int = 0
     num_step_failures: int = 0
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
-        self._commands: list[_Add | _Abort | _Call | _Job] = []
-        self._jobs: list[_Job] = []  # engine thread only
+        self._commands: list[_Add | _Abort | _Call | _Job | _CancelJob] = []
+        self._jobs: list[_Job] = []  # running jobs; engine thread only
+        self._pending_jobs: list[_Job] = []  # accepted, waiting for KV room; engine thread
+        self._job_blocks = 0  # KV reserved by running jobs; engine thread only
+        self._job_of: dict[str, _Job] = {}  # engine request id -> the job it serves
+        kv = self.engine.kv_stats()
+        self.pool_blocks, self.block_size = int(kv["num_blocks"]), int(kv["block_size"])
+        self._preemptions = int(kv["num_preemptions"])
         self._num_waiting = 0  # guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -191,9 +229,7 @@ class EngineLoop:
         return handle
 
     def abort(self, request_id: str) -> None:
-        with self._cond:
-            self._commands.append(_Abort(request_id))
-            self._cond.notify()
+        self._command(_Abort(request_id))
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         """Runs `fn(engine)` on the engine thread between steps (inspection, tests)."""
@@ -204,21 +240,48 @@ class EngineLoop:
             self._cond.notify()
         return future
 
-    def run_job(self, gen: Generator[Any, None, Any]) -> concurrent.futures.Future:
-        """Runs a strategy generator on the engine thread; the future gets its result."""
+    def run_job(self, gen: Generator[Any, None, Any], blocks: int = 0) -> JobHandle:
+        """Runs a strategy generator on the engine thread once `blocks` (its worst-case KV)
+        fit the jobs' share; `handle.future` gets its result. Until it starts it counts as
+        waiting: raises QueueFullError past `max_waiting`, like `submit`."""
         self.start()
         future: concurrent.futures.Future = concurrent.futures.Future()
+        job = _Job(gen, future, blocks, time.monotonic())
         with self._cond:
             if self._stopping:
                 raise EngineFailure(503, "the server is shutting down")
-            self._commands.append(_Job(gen, future))
+            if self._num_waiting >= self.max_waiting:
+                raise QueueFullError
+            self._num_waiting += 1
+            self._commands.append(job)
             self._cond.notify()
-        return future
+        return JobHandle(self, job)
+
+    def _command(self, command: _Abort | _CancelJob) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
 
     # ---- engine thread ------------------------------------------------------------------
 
+    def _admit_jobs(self) -> None:
+        """Starts pending jobs in order while their reservations fit the jobs' share (the
+        first always starts when none runs: the app refuses a job larger than the share)."""
+        limit = self.pool_blocks if self.job_kv_blocks is None else self.job_kv_blocks
+        while self._pending_jobs:
+            job = self._pending_jobs[0]
+            if self._jobs and self._job_blocks + job.blocks > limit:
+                return
+            self._pending_jobs.pop(0)
+            self._unwait()
+            self._job_blocks += job.blocks
+            self._jobs.append(job)
+            if self.metrics:
+                self.metrics.queue_time.observe(time.monotonic() - job.submitted_at)
+
     def _advance_jobs(self) -> None:
         """Resumes every job whose wait is over, until each waits on unfinished work."""
+        self._admit_jobs()
         progress = True
         while progress:
             progress = False
@@ -229,11 +292,37 @@ class EngineLoop:
                 try:
                     job.wait = job.gen.send(None)
                 except StopIteration as done:
-                    self._jobs.remove(job)
+                    self._end_job(job, "finished")
                     job.future.set_result(done.value)
                 except Exception as e:
-                    self._jobs.remove(job)
+                    self._end_job(job, "error")
                     job.future.set_exception(e)
+                else:
+                    # A job adds its requests before it waits on them: map them for metrics.
+                    for seq in getattr(job.wait, "sequences", ()):
+                        self._job_of.setdefault(seq.request.request_id, job)
+            if progress:
+                self._admit_jobs()
+
+    def _end_job(self, job: _Job, outcome: str) -> None:
+        self._jobs.remove(job)
+        self._job_blocks -= job.blocks
+        for rid in [r for r, j in self._job_of.items() if j is job]:
+            del self._job_of[rid]
+        if self.metrics:
+            self.metrics.jobs_finished.labels(outcome).inc()
+
+    def _cancel_job(self, job: _Job) -> None:
+        if job in self._pending_jobs:
+            self._pending_jobs.remove(job)
+            self._unwait()
+        elif job in self._jobs:
+            job.gen.close()  # runs the job's finally: its session releases every branch
+            self._end_job(job, "cancelled")
+        else:
+            return  # it ended already
+        self.num_jobs_cancelled += 1
+        job.future.set_exception(JobCancelled())
 
     def _run(self) -> None:
         stalled = False
@@ -252,7 +341,7 @@ class EngineLoop:
                     self._apply(command)
                 if stopping:
                     self._fail(list(self._tracked), 503, "the server is shutting down")
-                    for job in self._jobs:
+                    for job in self._jobs + self._pending_jobs:
                         job.gen.close()
                         job.future.set_exception(EngineFailure(503, "shutting down"))
                     self._publish()
@@ -266,10 +355,12 @@ class EngineLoop:
                 self._fail(list(self._tracked), 500, "internal engine loop error")
                 stalled = False
 
-    def _apply(self, command: _Add | _Abort | _Call | _Job) -> None:
+    def _apply(self, command: _Add | _Abort | _Call | _Job | _CancelJob) -> None:
         if isinstance(command, _Job):
-            self._jobs.append(command)
+            self._pending_jobs.append(command)
             self._advance_jobs()
+        elif isinstance(command, _CancelJob):
+            self._cancel_job(command.job)
         elif isinstance(command, _Call):
             try:
                 command.future.set_result(command.fn(self.engine))
@@ -322,6 +413,7 @@ class EngineLoop:
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
+                tokens += self._job_tokens(out)
                 continue
             tokens += self._observe(tracked, out, now)
             if not tracked.handle.deliver(out):
@@ -335,12 +427,23 @@ class EngineLoop:
         self._update_waiting()
         return self.engine.stats["steps"] != steps
 
+    def _job_tokens(self, out: RequestOutput) -> int:
+        """New tokens of a strategy job's request (counted like any request's)."""
+        job = self._job_of.get(out.request_id)
+        if job is None:
+            return 0
+        seen = job.generated.get(out.request_id, 0)
+        job.generated[out.request_id] = max(seen, out.usage.generated_tokens)
+        return max(0, out.usage.generated_tokens - seen)
+
     def _observe(self, tracked: _Tracked, out: RequestOutput, now: float) -> int:
         new = out.usage.generated_tokens - tracked.generated
         tracked.generated = out.usage.generated_tokens
         if tracked.waiting:
             tracked.waiting = False
             self._unwait()
+            if self.metrics:
+                self.metrics.queue_time.observe(now - tracked.submitted_at)
         if self.metrics and new > 0:
             if tracked.first_token_at is None:
                 tracked.first_token_at = now
@@ -367,6 +470,8 @@ class EngineLoop:
                 ):
                     tracked.waiting = False
                     self._unwait()
+                    if self.metrics:
+                        self.metrics.queue_time.observe(time.monotonic() - tracked.submitted_at)
 
     def _touched_by_step(self) -> list[str]:
         """Requests a failed step may have corrupted: those in the batch or holding KV.
@@ -413,7 +518,14 @@ class EngineLoop:
             "kv_blocks_free": kv["num_free_blocks"],
             "kv_blocks_total": kv["num_blocks"],
             "prefix_cache_hit_rate": kv["prefix_hit_rate"],
+            "jobs_running": len(self._jobs),
+            "jobs_waiting": len(self._pending_jobs),
+            "job_kv_blocks_reserved": self._job_blocks,
         }
+        preemptions = int(kv["num_preemptions"])
+        if self.metrics and preemptions > self._preemptions:
+            self.metrics.preemptions.inc(preemptions - self._preemptions)
+        self._preemptions = preemptions
         self.snapshot = snapshot  # one reference swap: readers see a whole snapshot
         if self.metrics:
             self.metrics.set_engine_state(snapshot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from ttscale.server.engine_loop import EngineFailure
+from ttscale.server.metrics import ServerMetrics
 from ttscale.server.protocol import error_body
 
 
@@ -35,4 +36,16 @@ def engine_error(e: EngineFailure) -> APIError:
     return APIError(e.status, e.message, type=kind)
 
 
-__all__ = ["APIError", "engine_error"]
+def queue_full(retry_after_s: int, metrics: ServerMetrics | None) -> APIError:
+    """429: the waiting queue (requests and strategy jobs together) is full."""
+    if metrics is not None:
+        metrics.requests_rejected.inc()
+    return APIError(
+        429,
+        "too many requests waiting; retry later",
+        type="rate_limit_error",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+__all__ = ["APIError", "engine_error", "queue_full"]

@@ -41,7 +41,9 @@ class ServerMetrics:
             registry=r,
         )
         self.generation_tokens = Counter(
-            "ttscale_generation_tokens", "Tokens generated (all samples)", registry=r
+            "ttscale_generation_tokens",
+            "Tokens generated (all samples, strategy jobs' branches included)",
+            registry=r,
         )
         self.prompt_tokens = Counter("ttscale_prompt_tokens", "Prompt tokens accepted", registry=r)
         self.tokens_per_second = Gauge(
@@ -73,6 +75,34 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.queue_time = Histogram(
+            "ttscale_queue_time_seconds",
+            "Submission to admission into the running batch (requests) or start (jobs)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "ttscale_preemptions", "Sequences preempted (KV freed, recomputed later)", registry=r
+        )
+        self.jobs_running = Gauge(
+            "ttscale_strategy_jobs_running", "Strategy jobs (ttscale extension) running", registry=r
+        )
+        self.jobs_waiting = Gauge(
+            "ttscale_strategy_jobs_waiting",
+            "Strategy jobs accepted, waiting for their KV reservation",
+            registry=r,
+        )
+        self.job_kv_blocks = Gauge(
+            "ttscale_strategy_jobs_kv_blocks_reserved",
+            "Worst-case KV blocks reserved by running strategy jobs",
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "ttscale_strategy_jobs_finished",
+            "Strategy jobs ended (finished | error | cancelled)",
+            ["outcome"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per engine step
         self._start = time.monotonic()
@@ -91,6 +121,9 @@ class ServerMetrics:
         self.kv_blocks_free.set(snapshot["kv_blocks_free"])
         self.kv_blocks_total.set(snapshot["kv_blocks_total"])
         self.prefix_cache_hit_rate.set(snapshot["prefix_cache_hit_rate"])
+        self.jobs_running.set(snapshot["jobs_running"])
+        self.jobs_waiting.set(snapshot["jobs_waiting"])
+        self.job_kv_blocks.set(snapshot["job_kv_blocks_reserved"])
 
     def render(self) -> bytes:
         now = time.monotonic()

@@ -55,7 +55,7 @@ class _SamplingRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1, **_Finite)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # an int64 seed, as vLLM takes it
     presence_penalty: float | None = Field(None, ge=-2, le=2, **_Finite)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, **_Finite)
     stream: bool | None = None
@@ -68,16 +68,25 @@ class _SamplingRequest(_Strict):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     ttscale: TTScaleOptions | None = None
-    # Declared only to refuse them (400) rather than silently ignore what changes the output.
+    # Declared only to refuse them (400, see `validation.refuse_unsupported`) rather than
+    # silently ignore what changes the output.
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    # `Any`: a value of any type is refused by name.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
 
 class CompletionRequest(_SamplingRequest):
-    # One prompt per request: a string, token ids, or a one-element list of either.
+    # A string, token ids, or a list of either (a batch: each prompt gets its own n choices).
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = None
     suffix: str | None = None
+    best_of: int | None = None  # only 1 (or null): the server has no server-side best-of
 
 
 class TextPart(_Strict):
@@ -104,6 +113,25 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None  # refused when non-empty
+    tool_choice: Any = None  # refused: there are no tools
+    functions: list[Any] | None = None  # refused when given (the deprecated tools)
+    function_call: Any = None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's `POST /tokenize`: a `prompt`, or chat `messages` rendered by the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses ---------------------------------------------------------------------------
@@ -202,6 +230,17 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -12,9 +12,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ttscale.server.engine_loop import EngineFailure
-from ttscale.server.errors import APIError
+from ttscale.server.admission import Pool, check_fits, largest_max_tokens, strategy_footprint
+from ttscale.server.engine_loop import EngineFailure, JobCancelled, QueueFullError
+from ttscale.server.errors import APIError, queue_full
 from ttscale.server.protocol import TTScaleOptions
+from ttscale.server.streaming import until_disconnected
 from ttscale.server.validation import Job
 
 
@@ -27,6 +29,10 @@ async def run_strategy_request(
     The reply is an ordinary completion whose message is the chosen answer's text, plus a
     `ttscale` field with the candidates, votes / scores and the run's cost. Streaming is not
     offered: the answer is known only when the search ends.
+
+    Admission: N and M are at most `max_n`; the job's worst-case KV must fit its share of
+    the pool (`ServerConfig.strategy_kv_share`); it waits, counted in the waiting queue,
+    until running jobs leave room. A client that leaves cancels the job and frees its KV.
     """
     from ttscale.scorers import load_scorer
     from ttscale.strategies import Query, make_strategy
@@ -36,6 +42,22 @@ async def run_strategy_request(
 
     if job.stream:
         raise APIError(400, "stream is not supported with a ttscale strategy", param="stream")
+    if job.params.n != 1:
+        raise APIError(400, "n must be 1 with a ttscale strategy (it returns one answer)", "n")
+    if len(job.prompts) != 1:
+        raise APIError(400, "a ttscale strategy takes one prompt per request", param="prompt")
+    (prompt,) = job.prompts
+    config, engine_loop = app.state.config, app.state.engine_loop
+    params = job.params
+    max_model_len = app.state.llm.engine.max_model_len
+    pool = Pool(engine_loop.pool_blocks, engine_loop.block_size)
+    share = pool.share(config.strategy_kv_share)
+    args = (options.strategy, len(prompt.token_ids))
+    if job.default_max_tokens:  # the rest of the context, but what the branches can hold
+        mt = largest_max_tokens(*args, params.max_tokens, max_model_len, config.max_n, pool, share)
+        params = dataclasses.replace(params, max_tokens=mt)
+    footprint = strategy_footprint(*args, params.max_tokens, max_model_len, config.max_n)
+    blocks = check_fits(footprint, share, pool.block_size, "this strategy", "ttscale.strategy")
     extras = options.model_extra or {}
     try:
         strategy = make_strategy(options.strategy)
@@ -51,31 +73,50 @@ async def run_strategy_request(
         except ValueError as e:  # the shipped probe is for the embedded model only
             raise APIError(400, str(e), param="ttscale.scorer") from None
     llm = app.state.llm
-    question = job.prompt or llm.tokenizer.decode(job.token_ids)
+    question = prompt.text or llm.tokenizer.decode(prompt.token_ids)
     query = Query(
         question=question,
-        prompt_token_ids=job.token_ids,
+        prompt_token_ids=prompt.token_ids,
         extract=extract_answer,
-        params=dataclasses.replace(job.params, n=1),
+        params=params,
         scorer=scorer,
         hygiene=Hygiene(enabled=options.hygiene),
     )
 
     def solve():
-        session = Session(llm.engine, job.token_ids, tag="tts")
+        session = Session(llm.engine, prompt.token_ids, tag="tts")
         try:
             return (yield from strategy.solve(session, query))
         finally:
-            session.close()  # frees every branch even if the strategy failed
+            session.close()  # frees every branch even if the strategy failed (or was closed)
 
     try:
-        result = await asyncio.wrap_future(app.state.engine_loop.run_job(solve()))
+        handle = engine_loop.run_job(solve(), blocks)
+    except QueueFullError:
+        raise queue_full(config.retry_after_s, app.state.metrics) from None
     except EngineFailure as e:
         raise APIError(e.status, str(e), type="server_error") from None
-    return JSONResponse(_strategy_reply(job, result))
+    # Watch the connection meanwhile: a client that gives up cancels the job.
+    work = asyncio.wrap_future(handle.future)
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            handle.cancel()
+    if not work.done():
+        return Response(status_code=499)  # the client left; nobody reads this
+    try:
+        result = work.result()
+    except JobCancelled:
+        return Response(status_code=499)
+    except EngineFailure as e:
+        raise APIError(e.status, str(e), type="server_error") from None
+    return JSONResponse(_strategy_reply(job, prompt.token_ids, result))
 
 
-def _strategy_reply(job: Job, result) -> dict[str, Any]:
+def _strategy_reply(job: Job, prompt_ids: list[int], result) -> dict[str, Any]:
     stats = result.stats
     body: dict[str, Any] = {
         "id": f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-tts-{uuid.uuid4().hex[:12]}",
@@ -83,9 +124,9 @@ def _strategy_reply(job: Job, result) -> dict[str, Any]:
         "created": int(time.time()),
         "model": job.model,
         "usage": {
-            "prompt_tokens": len(job.token_ids),
+            "prompt_tokens": len(prompt_ids),
             "completion_tokens": stats.generated_tokens,
-            "total_tokens": len(job.token_ids) + stats.generated_tokens,
+            "total_tokens": len(prompt_ids) + stats.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
         },
         "ttscale": {

@@ -3,8 +3,10 @@ the two ways a reply is built from it (SSE chunks, or the deltas joined)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -59,6 +61,59 @@ async def request_deltas(handle: RequestHandle) -> AsyncIterator[StepDelta]:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_prompt_tokens),
         )
         yield StepDelta(choices, usage)
+
+
+def _sum_usage(usages: Sequence[UsageInfo | None]) -> UsageInfo:
+    seen = [u for u in usages if u is not None]
+    prompt = sum(u.prompt_tokens for u in seen)
+    completion = sum(u.completion_tokens for u in seen)
+    cached = sum(u.prompt_tokens_details.cached_tokens for u in seen)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+async def batch_deltas(handles: Sequence[RequestHandle], n: int) -> AsyncIterator[StepDelta]:
+    """Deltas of several requests (a batched completions prompt) as one stream: prompt i's
+    sample j is choice i * n + j (OpenAI's order); usage sums the prompts'. Raises the
+    first EngineFailure; closing it early aborts every request."""
+    if len(handles) == 1:
+        async for step in request_deltas(handles[0]):
+            yield step
+        return
+    queue: asyncio.Queue[tuple[int, StepDelta | EngineFailure | None]] = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for step in request_deltas(handle):
+                queue.put_nowait((i, step))
+        except EngineFailure as e:
+            queue.put_nowait((i, e))
+        else:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    usages: list[UsageInfo | None] = [None] * len(handles)
+    try:
+        left = len(handles)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, EngineFailure):
+                raise item
+            else:
+                usages[i] = item.usage
+                choices = [dataclasses.replace(c, index=i * n + c.index) for c in item.choices]
+                yield StepDelta(choices, _sum_usage(usages))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:
+            handle.abort()
 
 
 async def collect(deltas: AsyncIterator[StepDelta], n: int) -> tuple[list[ChoiceResult], UsageInfo]:
@@ -124,6 +179,7 @@ async def until_disconnected(request: Request) -> None:
 
 __all__ = [
     "AbortingStreamingResponse",
+    "batch_deltas",
     "collect",
     "request_deltas",
     "sse_stream",

@@ -1,5 +1,9 @@
 """Request validation: an OpenAI request body -> a `Job` (token ids + SamplingParams), or an
-`APIError` 400 naming the offending field, before anything reaches the engine."""
+`APIError` 400 naming the offending field, before anything reaches the engine.
+
+`chat_job` and `completion_job` tokenize (an 8 MB prompt takes seconds), so the app runs them
+off the event loop, on its tokenizer thread.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,38 @@ from typing import Any
 from ttscale.errors import PromptTooLongError, SamplingParamsError
 from ttscale.llm import LLM
 from ttscale.sampling.params import SamplingParams
+from ttscale.server.admission import Footprint, Pool, check_fits, max_gen_that_fits
 from ttscale.server.config import ServerConfig
 from ttscale.server.errors import APIError
-from ttscale.server.protocol import ChatCompletionRequest, CompletionRequest
+from ttscale.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+
+@dataclass
+class Prompt:
+    text: str | None  # None when the client sent token ids
+    token_ids: list[int]
 
 
 @dataclass
 class Job:
-    """A validated request, ready for the engine."""
+    """A validated request, ready for the engine: each prompt gets `params.n` choices."""
 
     kind: str  # "chat" | "completion"
-    prompt: str | None
-    token_ids: list[int]
+    prompts: list[Prompt]
     params: SamplingParams
     stream: bool
     include_usage: bool
     model: str
+    # True when the client left max_tokens unset (chat): a strategy may then shrink it to
+    # what its samples can hold, as a plain request's default is shrunk to its n samples.
+    default_max_tokens: bool = False
 
 
 _SAMPLING_FIELDS = (
@@ -41,6 +61,44 @@ _SAMPLING_FIELDS = (
     "ignore_eos",
 )
 
+# Fields that would change the output and that the server does not implement: a 400 naming
+# the field beats a 200 whose text silently ignores them (a JSON mode returning prose).
+_UNSUPPORTED = (
+    "logit_bias",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "functions",
+    "function_call",
+    "suffix",
+)
+
+
+def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    for name in _UNSUPPORTED:
+        if getattr(body, name, None) not in (None, [], {}, ""):
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise APIError(
+            400,
+            f"response_format {fmt.get('type')!r} is not supported (structured outputs are not "
+            "implemented); only {'type': 'text'}",
+            param="response_format",
+        )
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
+    if isinstance(body, CompletionRequest):
+        if body.best_of not in (None, 1):
+            raise APIError(400, "best_of other than 1 is not supported", param="best_of")
+    else:
+        if body.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if body.tool_choice is not None:
+            raise APIError(400, "tool_choice is only allowed with tools", param="tool_choice")
+
 
 def build_params(
     body: ChatCompletionRequest | CompletionRequest,
@@ -50,8 +108,6 @@ def build_params(
     max_n: int,
 ) -> SamplingParams:
     """SamplingParams from the request; an impossible value becomes a 400 naming its API field."""
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if body.n is not None and not 1 <= body.n <= max_n:
         raise APIError(400, f"n must be in [1, {max_n}], got {body.n}", param="n")
     kwargs: dict[str, Any] = {
@@ -77,11 +133,32 @@ def _check_prompt(ids: list[int], llm: LLM, param: str) -> None:
         raise APIError(400, str(e), param=param) from None
 
 
-def chat_job(body: ChatCompletionRequest, llm: LLM, config: ServerConfig) -> Job:
+def _check_max_tokens(prompt_len: int, max_tokens: int, llm: LLM, param: str) -> None:
+    room = llm.engine.max_model_len - prompt_len
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"{param}={max_tokens} is too large: this model's context holds "
+            f"{llm.engine.max_model_len} tokens and the prompt has {prompt_len}, so at most "
+            f"{room} tokens can be generated",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _check_kv(job: Job, pool: Pool, strategy: bool) -> None:
+    """Each prompt's n samples must fit the pool together (strategies: `strategy_jobs`)."""
+    if strategy:
+        return
+    for p in job.prompts:
+        fp = Footprint(len(p.token_ids), job.params.n, job.params.max_tokens)
+        check_fits(fp, pool.num_blocks, pool.block_size, "this request", param="n")
+
+
+def chat_job(body: ChatCompletionRequest, llm: LLM, config: ServerConfig, pool: Pool) -> Job:
+    refuse_unsupported(body)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    if body.tools:
-        raise APIError(400, "tools are not supported", param="tools")
     tokenizer = llm.tokenizer
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
@@ -94,56 +171,130 @@ def chat_job(body: ChatCompletionRequest, llm: LLM, config: ServerConfig) -> Job
     _check_prompt(ids, llm, "messages")
     api_names = {"logprobs": "top_logprobs"}
     max_tokens = body.max_completion_tokens
+    param = "max_tokens"
     if max_tokens is not None:
-        api_names["max_tokens"] = "max_completion_tokens"
+        api_names["max_tokens"] = param = "max_completion_tokens"
     else:
         max_tokens = body.max_tokens
-    if max_tokens is None:  # OpenAI's chat default: the rest of the context
-        max_tokens = llm.engine.max_model_len - len(ids)
+    default = max_tokens is None
+    if max_tokens is None:
+        # OpenAI's chat default is the rest of the context; here it is also no more than
+        # the n samples can hold in the pool together (a default must never be refused).
+        n = (body.n or 1) if body.ttscale is None else 1
+        fits = max_gen_that_fits(len(ids), n, pool.num_blocks, pool.block_size)
+        max_tokens = max(1, min(llm.engine.max_model_len - len(ids), fits))
+    _check_max_tokens(len(ids), max_tokens, llm, param)
     logprobs = None
     if body.logprobs:
         logprobs = body.top_logprobs or 0
     elif body.top_logprobs is not None:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     params = build_params(body, max_tokens, logprobs, api_names, config.max_n)
-    return _job("chat", body, text, ids, params, config)
+    job = _job("chat", body, [Prompt(text, ids)], params, config, default)
+    _check_kv(job, pool, body.ttscale is not None)
+    return job
 
 
-def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig) -> Job:
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
+def _completion_prompts(body: CompletionRequest, llm: LLM, max_prompts: int) -> list[Prompt]:
+    raw = body.prompt
+    batched = isinstance(raw, list) and raw and isinstance(raw[0], str | list)
+    batch: list[Any] = raw if batched else [raw]  # type: ignore[assignment]
+    if len(batch) > max_prompts:
+        raise APIError(
+            400, f"at most {max_prompts} prompts per request, got {len(batch)}", param="prompt"
+        )
+    prompts = []
+    for item in batch:
+        if isinstance(item, str):
+            try:
+                ids = llm.tokenizer.encode(item)
+            except Exception as e:  # e.g. a lone surrogate the tokenizer cannot encode
+                raise APIError(400, f"cannot tokenize the prompt: {e}", param="prompt") from None
+            prompts.append(Prompt(item, ids))
+        else:
+            prompts.append(Prompt(None, list(item)))
+        _check_prompt(prompts[-1].token_ids, llm, "prompt")
+    return prompts
+
+
+def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig, pool: Pool) -> Job:
+    refuse_unsupported(body)
     if body.echo:
         raise APIError(400, "echo is not supported", param="echo")
-    if body.suffix:
-        raise APIError(400, "suffix is not supported", param="suffix")
-    if isinstance(prompt, str):
-        text: str | None = prompt
-        try:
-            ids = llm.tokenizer.encode(prompt)
-        except Exception as e:  # e.g. a lone surrogate the tokenizer cannot encode
-            raise APIError(400, f"cannot tokenize the prompt: {e}", param="prompt") from None
-    else:
-        text, ids = None, list(prompt)
-    _check_prompt(ids, llm, "prompt")
+    prompts = _completion_prompts(body, llm, config.max_prompts)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
+    for p in prompts:
+        _check_max_tokens(len(p.token_ids), max_tokens, llm, "max_tokens")
     params = build_params(body, max_tokens, body.logprobs, {}, config.max_n)
-    return _job("completion", body, text, ids, params, config)
+    if len(prompts) * params.n > config.max_n:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={params.n} exceeds this server's limit of "
+            f"{config.max_n} choices per request",
+            param="n",
+        )
+    job = _job("completion", body, prompts, params, config)
+    _check_kv(job, pool, body.ttscale is not None)
+    return job
+
+
+def tokenize_body(body: TokenizeRequest, llm: LLM) -> TokenizeResponse:
+    """vLLM's /tokenize: a prompt (special tokens added by default), or messages through the
+    chat template (which holds its special tokens already)."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    tokenizer = llm.tokenizer
+    try:
+        if body.messages is not None:
+            if not body.messages:
+                raise APIError(400, "messages must be a non-empty list", param="messages")
+            if not tokenizer.has_chat_template:
+                raise APIError(400, "this model has no chat template", param="messages")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+            special = bool(body.add_special_tokens)
+        else:
+            text = body.prompt or ""
+            special = body.add_special_tokens is not False
+        ids = tokenizer.encode(text, add_special_tokens=special)
+    except APIError:
+        raise
+    except Exception as e:  # e.g. a lone surrogate the tokenizer cannot encode
+        param = "messages" if body.messages is not None else "prompt"
+        raise APIError(400, f"cannot tokenize: {e}", param=param) from None
+    strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(ids), max_model_len=llm.engine.max_model_len, tokens=ids, token_strs=strs
+    )
+
+
+def detokenize_body(body: DetokenizeRequest, llm: LLM) -> DetokenizeResponse:
+    vocab = llm.engine.model_config.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+    return DetokenizeResponse(prompt=llm.tokenizer.decode(body.tokens))
 
 
 def _job(
     kind: str,
     body: ChatCompletionRequest | CompletionRequest,
-    text: str | None,
-    ids: list[int],
+    prompts: list[Prompt],
     params: SamplingParams,
     config: ServerConfig,
+    default_max_tokens: bool = False,
 ) -> Job:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     model = body.model or config.model_names[0]
-    return Job(kind, text, ids, params, bool(body.stream), include_usage, model)
+    return Job(kind, prompts, params, bool(body.stream), include_usage, model, default_max_tokens)
 
 
-__all__ = ["Job", "build_params", "chat_job", "completion_job"]
+__all__ = [
+    "Job",
+    "Prompt",
+    "build_params",
+    "chat_job",
+    "completion_job",
+    "detokenize_body",
+    "refuse_unsupported",
+    "tokenize_body",
+]
