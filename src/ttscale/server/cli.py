@@ -43,7 +43,15 @@ def serve(
     max_waiting: Annotated[
         int, typer.Option(help="accepted requests not yet running; beyond: 429")
     ] = 256,
-    max_n: Annotated[int, typer.Option(help="largest n (samples) per request")] = 64,
+    max_n: Annotated[
+        int, typer.Option(help="largest n per request, and N/M of a ttscale strategy")
+    ] = 64,
+    max_body_mb: Annotated[
+        float, typer.Option(help="request bodies larger than this (MiB) get 413")
+    ] = 4.0,
+    strategy_kv_share: Annotated[
+        float, typer.Option(help="fraction of the KV pool strategy jobs may reserve together")
+    ] = 0.5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
@@ -62,7 +70,13 @@ def serve(
     if kv_cache_gb is not None:
         options["kv_cache_gb"] = kv_cache_gb
     try:
-        ServerConfig(max_waiting=max_waiting, max_n=max_n)  # fail before the (slow) load
+        limits = dict(
+            max_waiting=max_waiting,
+            max_n=max_n,
+            max_body_bytes=int(max_body_mb * 2**20),
+            strategy_kv_share=strategy_kv_share,
+        )
+        ServerConfig(**limits)  # fail before the (slow) load
         llm = LLM(model, num_threads=threads, max_model_len=max_model_len, **options)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
@@ -71,7 +85,7 @@ def serve(
     names = model_names(llm.source, served_model_name)
     if model is None and served_model_name is None:
         names = (DEFAULT_MODEL_NAME, *names)
-    config = ServerConfig(model_names=names, api_key=api_key, max_waiting=max_waiting, max_n=max_n)
+    config = ServerConfig(model_names=names, api_key=api_key, **limits)
     err.print(f"[dim]serving {config.model_names[0]!r} on http://{host}:{port}/v1[/dim]")
     uvicorn.run(
         create_app(llm, config),

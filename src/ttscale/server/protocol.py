@@ -404,7 +404,14 @@ class Formatter:
         self._offsets[index] = offset
         tops = None
         if top is not None:
-            tops = [{self.token_text(t): v for t, v in row} for row in top]
+            # OpenAI: "up to logprobs + 1" entries: the sampled token is always among them
+            # (logprobs=0 gives just the sampled token), whatever the temperature.
+            tops = []
+            for i, row in enumerate(top):
+                entry = {self.token_text(t): v for t, v in row}
+                if i < len(tokens):
+                    entry.setdefault(tokens[i], logprobs[i])
+                tops.append(entry)
         return CompletionLogprobs(
             tokens=tokens, token_logprobs=list(logprobs), top_logprobs=tops, text_offset=offsets
         )
