@@ -76,6 +76,12 @@ _UNSUPPORTED = (
 )
 
 
+# Stop strings are searched in the text after every token: bound their number and length
+# (OpenAI allows 4; lm-eval sends a handful).
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 512
+
+
 def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
     for name in _UNSUPPORTED:
         if getattr(body, name, None) not in (None, [], {}, ""):
@@ -116,6 +122,14 @@ def build_params(
     kwargs["max_tokens"] = max_tokens
     kwargs["logprobs"] = logprobs
     if body.stop is not None:
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop
+        if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise APIError(
+                400,
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                "characters each",
+                param="stop",
+            )
         kwargs["stop"] = body.stop
     try:
         return SamplingParams(**kwargs)
