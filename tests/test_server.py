@@ -450,7 +450,7 @@ INVALID = [
     (COMPLETIONS, {**C, "prompt": [-1]}, "prompt"),
     (COMPLETIONS, {**C, "prompt": ""}, "prompt"),
     (COMPLETIONS, {**C, "prompt": []}, "prompt"),
-    (COMPLETIONS, {**C, "echo": True}, "echo"),
+    (COMPLETIONS, {**C, "echo": True, "stream": True}, "echo"),
     (COMPLETIONS, {**C, "logit_bias": {"5": 10}}, "logit_bias"),
     (CHAT, {**H, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     (CHAT, {**H, "ttscale": {"strategy": ""}}, "ttscale"),

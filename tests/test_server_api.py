@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.test_server import (
     CHAT,
@@ -253,6 +254,39 @@ def test_top_logprobs_always_hold_the_sampled_token(api):
                     assert top == {token: pytest.approx(logprob)}
 
 
+def test_echo_with_prompt_logprobs_matches_transformers(api):
+    """lm-eval's loglikelihood request: echo, logprobs=1, max_tokens=1, temperature 0."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The quick brown fox jumps"
+    reply = api.client().completions.create(
+        model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    (choice,) = reply.choices
+    lp = choice.logprobs
+    ids = api.llm.tokenizer.encode(prompt)
+    assert choice.text.startswith(prompt) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[: len(ids)] == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    hf = AutoModelForCausalLM.from_pretrained(api.llm.source, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [logits[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    for i in range(1, len(ids)):
+        top = lp.top_logprobs[i]
+        assert lp.tokens[i] in top and 1 <= len(top) <= 2
+        best = logits[i - 1].max().item()
+        assert max(top.values()) == pytest.approx(best, abs=1e-4)
+    # Batched prompts, n > 1, no logprobs: each choice starts with its prompt.
+    body = {**C, "prompt": [prompt, "Votes"], "echo": True, "n": 2, "max_tokens": 3}
+    reply = post(api, COMPLETIONS, body).json()
+    texts = [c["text"] for c in reply["choices"]]
+    assert all(t.startswith(prompt) for t in texts[:2])
+    assert all(t.startswith("Votes") for t in texts[2:])
+    assert all(c["logprobs"] is None for c in reply["choices"])
+
+
 # ---- hostile inputs -------------------------------------------------------------------------
 
 
@@ -305,7 +339,7 @@ def _hostile() -> list[tuple[str, bytes | dict]]:
         {"prompt": {"text": "Hi"}},
         {"prompt": True},
         {"prompt": None},
-        {"prompt": "Hi", "echo": True},
+        {"prompt": "Hi", "echo": True, "stream": True},
         {"prompt": "Hi", "suffix": "x"},
         {"prompt": "Hi", "logit_bias": {"1": 100}},
         {"prompt": "Hi", "best_of": 10**6},

@@ -26,6 +26,7 @@ from ttscale.llm import LLM
 from ttscale.server.admission import Pool
 from ttscale.server.auth import APIKeyMiddleware
 from ttscale.server.config import ServerConfig
+from ttscale.server.echo import prompt_logprobs_job
 from ttscale.server.engine_loop import EngineFailure, EngineLoop, QueueFullError, RequestHandle
 from ttscale.server.errors import APIError, engine_error, queue_full
 from ttscale.server.limits import BodySizeLimitMiddleware
@@ -37,6 +38,7 @@ from ttscale.server.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EchoPrefix,
     ErrorResponse,
     Formatter,
     ModelCard,
@@ -136,7 +138,31 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         """Tokenizing and templating take seconds on a large prompt: never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
 
+    async def echo_prefixes(job: Job) -> list[EchoPrefix]:
+        """Each prompt's text, and its token logprobs when asked (a job on the engine)."""
+        prefixes = []
+        for p in job.prompts:
+            text = p.text if p.text is not None else llm.tokenizer.decode(p.token_ids)
+            prefix = EchoPrefix(text, list(p.token_ids))
+            if job.params.logprobs is not None:
+                gen = prompt_logprobs_job(llm.engine, p.token_ids, job.params.logprobs)
+                blocks = -(-len(p.token_ids) // pool.block_size)
+                try:
+                    handle = engine_loop.run_job(gen, blocks)
+                except QueueFullError:
+                    raise queue_full(config.retry_after_s, metrics) from None
+                try:
+                    prefix.logprobs, prefix.top_logprobs = await asyncio.wrap_future(handle.future)
+                except asyncio.CancelledError:  # the client left
+                    handle.cancel()
+                    raise
+                except EngineFailure as e:
+                    raise engine_error(e) from None
+            prefixes.append(prefix)
+        return prefixes
+
     async def serve(job: Job, request: Request) -> Response:
+        echo = await echo_prefixes(job) if job.echo else None
         handles: list[RequestHandle] = []
         try:
             for p in job.prompts:
@@ -148,7 +174,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 raise queue_full(config.retry_after_s, metrics) from None
             raise engine_error(e) from None
         num_choices = len(handles) * job.params.n
-        fmt = Formatter(job.kind, job.model, num_choices, token_text)
+        fmt = Formatter(job.kind, job.model, num_choices, token_text, echo)
         deltas = batch_deltas(handles, job.params.n)
 
         def abort() -> None:

@@ -150,8 +150,8 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -294,6 +294,31 @@ class StepDelta:
 
 
 @dataclass
+class EchoPrefix:
+    """What one prompt puts in front of each of its choices when `echo` is set; its
+    logprobs come from `echo.prompt_logprobs_job` (None for the first token)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+    def prepend(self, c: ChoiceResult) -> ChoiceResult:
+        logprobs = top = None
+        if self.logprobs is not None and c.logprobs is not None:
+            logprobs = self.logprobs + list(c.logprobs)
+            top = (self.top_logprobs or []) + list(c.top_logprobs or [])
+        return ChoiceResult(
+            c.index,
+            self.text + c.text,
+            self.token_ids + c.token_ids,
+            logprobs,
+            top,
+            c.finish_reason,
+        )
+
+
+@dataclass
 class ChoiceResult:
     """A whole sample, joined from its deltas."""
 
@@ -367,9 +392,17 @@ _BYTE_OF_CHAR = _byte_level_alphabet()
 class Formatter:
     """Turns deltas and results into OpenAI response objects for one request."""
 
-    def __init__(self, kind: str, model: str, n: int, token_text: TokenTexts) -> None:
+    def __init__(
+        self,
+        kind: str,
+        model: str,
+        n: int,
+        token_text: TokenTexts,
+        echo: list[EchoPrefix] | None = None,
+    ) -> None:
         self.kind, self.model, self.n = kind, model, n
         self.token_text = token_text
+        self.echo = echo  # completions with echo: one prefix per prompt, n / len(echo) each
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -408,6 +441,9 @@ class Formatter:
             # (logprobs=0 gives just the sampled token), whatever the temperature.
             tops = []
             for i, row in enumerate(top):
+                if row is None:  # an echoed prompt's first token: nothing predicts it
+                    tops.append(None)
+                    continue
                 entry = {self.token_text(t): v for t, v in row}
                 if i < len(tokens):
                     entry.setdefault(tokens[i], logprobs[i])
@@ -470,6 +506,9 @@ class Formatter:
                 usage=usage,
             )
         else:
+            if self.echo is not None:
+                per_prompt = self.n // len(self.echo)
+                choices = [self.echo[c.index // per_prompt].prepend(c) for c in choices]
             reply = CompletionResponse(
                 **self._head(),
                 choices=[

@@ -45,6 +45,7 @@ class Job:
     # True when the client left max_tokens unset (chat): a strategy may then shrink it to
     # what its samples can hold, as a plain request's default is shrunk to its n samples.
     default_max_tokens: bool = False
+    echo: bool = False  # completions: each choice starts with its prompt (and its logprobs)
 
 
 _SAMPLING_FIELDS = (
@@ -233,8 +234,8 @@ def _completion_prompts(body: CompletionRequest, llm: LLM, max_prompts: int) -> 
 
 def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig, pool: Pool) -> Job:
     refuse_unsupported(body)
-    if body.echo:
-        raise APIError(400, "echo is not supported", param="echo")
+    if body.echo and (body.stream or body.ttscale is not None):
+        raise APIError(400, "echo is not supported with stream or ttscale", param="echo")
     prompts = _completion_prompts(body, llm, config.max_prompts)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
     for p in prompts:
@@ -248,6 +249,7 @@ def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig, pool
             param="n",
         )
     job = _job("completion", body, prompts, params, config)
+    job.echo = bool(body.echo)
     _check_kv(job, pool, body.ttscale is not None)
     return job
 
