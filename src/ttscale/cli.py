@@ -24,6 +24,13 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="HF folder or .gguf file (default: embedded SmolLM2)"),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="what the matmuls compute with: auto (a GGUF's own quantization), none, native, "
+        "int8, int4"
+    ),
+]
 
 
 def _load(model: str | None, threads: int | None, **options):
@@ -31,7 +38,7 @@ def _load(model: str | None, threads: int | None, **options):
 
     try:
         llm = LLM(model, num_threads=threads, **options)
-    except (ModelLoadError, FileNotFoundError) as e:
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     err.print(f"[dim]loaded {llm.source} in {llm.load_seconds:.1f} s[/dim]")
@@ -61,6 +68,7 @@ def generate(
     raw: Annotated[bool, typer.Option(help="don't apply the chat template")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     threads: ThreadsOpt = None,
+    quantize: QuantizeOpt = "auto",
 ) -> None:
     """Generate an answer (n samples share the prompt's KV cache)."""
     params = _params(
@@ -73,7 +81,7 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    llm = _load(model, threads)
+    llm = _load(model, threads, quantize=quantize)
     try:
         if raw or not llm.tokenizer.has_chat_template:
             out = llm.generate(prompt, params)[0]
@@ -120,10 +128,11 @@ def chat(
     top_p: float = 0.95,
     seed: int | None = None,
     threads: ThreadsOpt = None,
+    quantize: QuantizeOpt = "auto",
 ) -> None:
     """Interactive chat with streaming output. Ctrl-D or /exit to quit."""
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    llm = _load(model, threads)
+    llm = _load(model, threads, quantize=quantize)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:

@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 
 from ttscale.engine.llm_engine import LLMEngine, Proposer
 from ttscale.engine.outputs import RequestOutput
+from ttscale.engine.proposers import make_proposer
 from ttscale.engine.scheduler import SchedulerConfig
 from ttscale.kvcache import CacheConfig
-from ttscale.loader import load_checkpoint
 from ttscale.models.config import ModelConfig
+from ttscale.models.quant import load_for_compute
 from ttscale.models.registry import build_model
 from ttscale.sampling.params import SamplingParams
 from ttscale.tokenizer import Message
@@ -59,6 +60,10 @@ class LLM:
     enable_prefix_caching, attention, max_num_batched_tokens, max_num_seqs,
     enable_chunked_prefill. `num_threads` sets torch's CPU threads. `hardware` names the
     roofline for the cost model ("auto": the profile `ttscale calibrate` saved, if any).
+    `quantize`: "auto" | "none" | "native" | "int8" | "int4", what the matmuls compute with
+    (models/quant.py: load_for_compute). `speculative="prompt_lookup"` drafts
+    `num_speculative_tokens` tokens per step by n-gram lookup (engine/proposers.py); or pass
+    any `proposer`.
     """
 
     def __init__(
@@ -71,15 +76,22 @@ class LLM:
         max_model_len: int | None = None,
         hardware: str | None = "auto",
         proposer: Proposer | None = None,
+        quantize: str = "auto",
+        speculative: str | None = None,
+        num_speculative_tokens: int = 4,
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+        if speculative is not None:
+            if proposer is not None:
+                raise ValueError("pass either speculative or proposer, not both")
+            proposer = make_proposer(speculative, num_speculative_tokens)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         cache_config, scheduler_config = _split_options(dict(engine_options))
         t0 = time.perf_counter()
-        checkpoint = load_checkpoint(model, _DTYPES[dtype])
+        checkpoint = load_for_compute(model, _DTYPES[dtype], quantize, device)
         self.config = ModelConfig.from_hf(checkpoint.config)
         network = build_model(self.config, checkpoint.tensors, _DTYPES[dtype], device)
         self.load_seconds = time.perf_counter() - t0

@@ -27,6 +27,13 @@ ScorerOpt = Annotated[
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
 KvOpt = Annotated[float | None, typer.Option(help="KV cache size in GB (default: automatic)")]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="what the matmuls compute with: auto (a GGUF's own quantization), none, native, "
+        "int8, int4"
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout (the rest: stderr)")]
 HygieneOpt = Annotated[
     bool,
@@ -44,13 +51,15 @@ def _fail(message: object) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _load_llm(model: str | None, threads: int | None, kv_cache_gb: float | None) -> Any:
+def _load_llm(
+    model: str | None, threads: int | None, kv_cache_gb: float | None, quantize: str = "auto"
+) -> Any:
     from ttscale.errors import ModelLoadError
     from ttscale.llm import LLM
 
     options = {} if kv_cache_gb is None else {"kv_cache_gb": kv_cache_gb}
     try:
-        llm = LLM(model, num_threads=threads, **options)
+        llm = LLM(model, num_threads=threads, quantize=quantize, **options)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         _fail(e)
     err.print(f"[dim]loaded {escape(str(llm.source))} in {llm.load_seconds:.1f} s[/dim]")
@@ -99,6 +108,7 @@ def eval_cmd(
     concurrency: Annotated[int, typer.Option(min=1, help="problems run at once")] = 8,
     threads: ThreadsOpt = None,
     kv_cache_gb: KvOpt = None,
+    quantize: QuantizeOpt = "auto",
     json_out: JsonOpt = False,
     no_resume: Annotated[
         bool, typer.Option("--no-resume", help="delete earlier results in --out and start over")
@@ -118,7 +128,7 @@ def eval_cmd(
         the_task = load_task(task, difficulty)
     except ValueError as e:
         _fail(e)
-    llm = _load_llm(model, threads, kv_cache_gb)
+    llm = _load_llm(model, threads, kv_cache_gb, quantize)
     try:
         summary = run_eval(
             llm,
@@ -186,6 +196,7 @@ def solve_cmd(
     seed: int = 0,
     threads: ThreadsOpt = None,
     kv_cache_gb: KvOpt = None,
+    quantize: QuantizeOpt = "auto",
     json_out: JsonOpt = False,
     hygiene: HygieneOpt = True,
 ) -> None:
@@ -207,7 +218,7 @@ def solve_cmd(
         the_scorer = load_scorer(scorer) if needs_scorer and not _model_bound(scorer) else None
     except ValueError as e:
         _fail(e)
-    llm = _load_llm(model, threads, kv_cache_gb)
+    llm = _load_llm(model, threads, kv_cache_gb, quantize)
     try:
         if needs_scorer and the_scorer is None:
             the_scorer = load_scorer(scorer, llm.source)

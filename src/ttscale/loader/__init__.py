@@ -8,22 +8,30 @@ from typing import Any
 import torch
 
 from ttscale.errors import ModelLoadError
-from ttscale.loader.checkpoint import Checkpoint
+from ttscale.loader.checkpoint import Checkpoint, GroupQuantized
 from ttscale.loader.hf import PICKLE_SUFFIXES, load_hf_folder, read_hf_config
 
 
 def load_checkpoint(
-    model: str | Path | None = None, dtype: torch.dtype = torch.float32
+    model: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    keep_quantized: bool = False,
+    require_quantized: bool = False,
 ) -> Checkpoint:
     """Dispatches on what `model` is (see `resolve_model_path`). Never reaches a model hub: a
-    name that is not a local path is an error, not a download."""
+    name that is not a local path is an error, not a download. `keep_quantized` /
+    `require_quantized`: a GGUF's matmul weights stay in its quantization (see `load_gguf`);
+    an HF folder has none to keep."""
     if model is None:
         from ttscale.loader.default_model import default_model_path
 
-        return _load_gguf(default_model_path(), dtype)
-    path = resolve_model_path(model)
+        path = default_model_path()
+    else:
+        path = resolve_model_path(model)
     if path.suffix == ".gguf":
-        return _load_gguf(path, dtype)
+        from ttscale.loader.gguf import load_gguf  # gguf + numpy dequantizers: only when needed
+
+        return load_gguf(path, dtype, keep_quantized, require_quantized)
     return load_hf_folder(path, dtype)
 
 
@@ -75,14 +83,9 @@ def read_model_config(model: str | Path | None = None) -> tuple[dict[str, Any], 
     return read_hf_config(path), path
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
-    from ttscale.loader.gguf import load_gguf  # gguf + numpy dequantizers: only when needed
-
-    return load_gguf(path, dtype)
-
-
 __all__ = [
     "Checkpoint",
+    "GroupQuantized",
     "ModelLoadError",
     "load_checkpoint",
     "read_model_config",

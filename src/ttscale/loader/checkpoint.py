@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +11,56 @@ import torch
 from ttscale.tokenizer import Tokenizer
 
 
+@dataclass(frozen=True)
+class GroupQuantized:
+    """A weight matrix kept in its quantized form: integer codes with one affine map per group
+    of `group_size` consecutive values of a row (g = k // group_size),
+    `w[n, k] = (codes[n, k] - zero_point) * scales[n, g] + offsets[n, g]`.
+
+    Every GGUF block type is this form, with the file's own arithmetic (Q4_0: zero point 8,
+    no offsets; Q4_1: scale d, offset m; the K-quants' sub-blocks are the groups), so
+    `dequantize` is bit-identical to gguf-py's. `quantize="int4"` makes the same form;
+    `models/quant.py` turns it into a kernel's layout.
+    """
+
+    codes: torch.Tensor  # (N, K) uint8, each < 2**bits
+    scales: torch.Tensor  # (N, K // group_size) float32
+    offsets: torch.Tensor | None  # (N, K // group_size) float32; None: no offset (not even +0.0)
+    zero_point: int
+    group_size: int
+    bits: int
+    source: str  # what it came from ("Q4_1", "int4"), for messages
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.codes.shape
+        groups = self.codes.view(n, k // self.group_size, self.group_size).float()
+        if self.zero_point:
+            groups = groups.sub_(self.zero_point)
+        w = groups.mul_(self.scales.unsqueeze(-1))
+        if self.offsets is not None:
+            w = w.add_(self.offsets.unsqueeze(-1))
+        return w.view(n, k).to(dtype)
+
+    def rows(self, index: torch.Tensor | slice) -> GroupQuantized:
+        """The same weight restricted to some rows (a permutation, a slice)."""
+        offsets = None if self.offsets is None else self.offsets[index].contiguous()
+        return dataclasses.replace(
+            self,
+            codes=self.codes[index].contiguous(),
+            scales=self.scales[index].contiguous(),
+            offsets=offsets,
+        )
+
+
 @dataclass
 class Checkpoint:
     config: dict[str, Any]  # the content of a config.json
-    tensors: dict[str, torch.Tensor]  # Hugging Face parameter names
+    # Hugging Face parameter names; GroupQuantized only where the caller asked to keep a
+    # GGUF's quantization (load_checkpoint(keep_quantized=True)), and only for matmul weights.
+    tensors: dict[str, torch.Tensor | GroupQuantized]
     tokenizer: Tokenizer
     source: str  # path it came from, for messages

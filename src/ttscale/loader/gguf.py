@@ -8,6 +8,7 @@ weights is reversed.
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import re
@@ -25,11 +26,12 @@ from transformers import PreTrainedTokenizerFast
 from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
 from ttscale.errors import ModelLoadError
-from ttscale.loader.checkpoint import Checkpoint
+from ttscale.loader.checkpoint import Checkpoint, GroupQuantized
 from ttscale.threads import one_torch_thread
 from ttscale.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
+logger = logging.getLogger(__name__)
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",  # Mistral GGUFs are written as llama too
@@ -61,8 +63,20 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_gguf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    keep_quantized: bool = False,
+    require_quantized: bool = False,
+) -> Checkpoint:
     """Reads a llama/qwen2/qwen3 GGUF into HF-named `dtype` tensors, an HF config and a tokenizer.
+
+    With `keep_quantized`, matmul weights stored in a block type stay quantized
+    (`GroupQuantized`, read by `quantized_codes`), so the model can compute in the file's own
+    quantization; a type without a codes reader is dequantized instead, said in one log line,
+    or refused with `require_quantized`. Float tensors and the norms are always `dtype`.
+    A tied embedding (no output.weight) stays quantized too: the model dequantizes the rows
+    its lookup needs and its head computes with the codes.
 
     Raises ModelLoadError if the file is missing, not a GGUF, truncated, or uses an architecture,
     tensor or quantization type ttscale does not support. Everything is validated before the
@@ -79,13 +93,35 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     tokenizer = _tokenizer(file.metadata, path)
 
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    tensors = {}
+    keep = keep_quantized or require_quantized
+    tensors: dict[str, torch.Tensor | GroupQuantized] = {}
+    not_kept: dict[str, str] = {}  # type name -> first tensor stored in it
     with one_torch_thread():
         for info, hf_name in plan:
             # convert_hf_to_gguf.py permutes only the llama arch's q/k rows (weights and biases).
             n_head = heads.get(info.name.split(".")[-2]) if arch == "llama" else None
+            if keep and info.qtype not in _FLOAT_TYPES and _is_matmul_weight(hf_name, config):
+                if can_keep_quantized(info.qtype):
+                    tensors[hf_name] = _read_codes(file, info, n_head)
+                    continue
+                not_kept.setdefault(info.qtype.name, info.name)
             tensors[hf_name] = _read_tensor(file, info, n_head, dtype)
+    if not_kept:
+        what = ", ".join(f"{name} (e.g. {tensor})" for name, tensor in not_kept.items())
+        if require_quantized:
+            raise ModelLoadError(
+                f"{path} stores weights as {what}, which ttscale cannot compute quantized; "
+                "load it with quantize='auto' (dequantizes those) or 'none'"
+            )
+        logger.info("%s: %s cannot be computed quantized; dequantized to %s", path, what, dtype)
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(path))
+
+
+def _is_matmul_weight(hf_name: str, config: dict[str, Any]) -> bool:
+    """Weights a Linear multiplies by: the projections, the head, a tied embedding."""
+    if hf_name == "model.embed_tokens.weight":
+        return config["tie_word_embeddings"]
+    return hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight"
 
 
 def read_gguf_config(path: str | Path) -> dict[str, Any]:
@@ -258,6 +294,13 @@ def _read_tensor(
         # Rows are whole blocks, so the permutation is undone on the (smaller) quantized bytes.
         raw = _unpermute_rows(raw.reshape(info.shape[0], -1), n_head)
     return dequantize(raw, info.qtype, info.shape, dtype)
+
+
+def _read_codes(file: _GGUFFile, info: _TensorInfo, n_head: int | None) -> GroupQuantized:
+    raw = torch.frombuffer(file.buffer, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+    if n_head is not None:
+        raw = _unpermute_rows(raw.reshape(info.shape[0], -1), n_head)
+    return quantized_codes(raw.contiguous(), info.qtype, info.shape)
 
 
 def _unpermute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -586,3 +629,130 @@ _BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.T
     Q.Q5_K: _dequant_q5_k,
     Q.Q6_K: _dequant_q6_k,
 }
+
+
+# --- quantized codes ---------------------------------------------------------------------------
+# The same blocks read as GroupQuantized (codes + per-group scale/offset) instead of values, for
+# computing in the file's quantization. Each returns (codes (n, block_size) uint8,
+# scales (n, groups) float32, offsets (n, groups) float32 or None); `_CODE_FORMATS` holds each
+# type's (zero point, group size, bits). Scales and offsets are computed exactly as the
+# dequantizers above compute them, so GroupQuantized.dequantize is bit-identical to them.
+
+_Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _codes_q8_0(blocks: torch.Tensor) -> _Codes:
+    # int8 -> uint8 with zero point 128: (c - 128) is the int8 value exactly.
+    codes = (blocks[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    return codes, _f16(blocks, 0), None
+
+
+def _codes_q4_0(blocks: torch.Tensor) -> _Codes:
+    return _unpack(blocks[:, 2:], (0, 4), 0x0F).reshape(len(blocks), 32), _f16(blocks, 0), None
+
+
+def _codes_q4_1(blocks: torch.Tensor) -> _Codes:
+    codes = _unpack(blocks[:, 4:], (0, 4), 0x0F).reshape(len(blocks), 32)
+    return codes, _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _codes_q5_0(blocks: torch.Tensor) -> _Codes:
+    return _q5_values(blocks[:, 2:6], blocks[:, 6:]).to(torch.uint8), _f16(blocks, 0), None
+
+
+def _codes_q5_1(blocks: torch.Tensor) -> _Codes:
+    codes = _q5_values(blocks[:, 4:8], blocks[:, 8:]).to(torch.uint8)
+    return codes, _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _codes_q4_k(blocks: torch.Tensor) -> _Codes:
+    n = len(blocks)
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    codes = _unpack(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 256)
+    return codes, _f16(blocks, 0) * sc, -(_f16(blocks, 2) * mn)
+
+
+def _codes_q5_k(blocks: torch.Tensor) -> _Codes:
+    n = len(blocks)
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    high = _unpack(blocks[:, 16:48].reshape(n, 1, 32), range(8), 1).reshape(n, 256)
+    low = _unpack(blocks[:, 48:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 256)
+    return low | (high << 4), _f16(blocks, 0) * sc, -(_f16(blocks, 2) * mn)
+
+
+def _codes_q6_k(blocks: torch.Tensor) -> _Codes:
+    n = len(blocks)
+    scales = _f16(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()
+    low = _unpack(blocks[:, :128].reshape(n, 2, 64), (0, 4), 0x0F).reshape(n, 256)
+    high = _unpack(blocks[:, 128:192].reshape(n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 256)
+    return low | (high << 4), scales, None
+
+
+def _codes_q2_k(blocks: torch.Tensor) -> _Codes:
+    n = len(blocks)
+    scales = blocks[:, :16]
+    codes = _unpack(blocks[:, 16:80].reshape(n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 256)
+    dl = _f16(blocks, 80) * (scales & 0x0F).float()
+    return codes, dl, -(_f16(blocks, 82) * (scales >> 4).float())
+
+
+def _codes_q3_k(blocks: torch.Tensor) -> _Codes:
+    n = len(blocks)
+    low_scales = _unpack(blocks[:, 96:104], (0, 4), 0x0F).reshape(n, 16)
+    high_scales = _unpack(blocks[:, 104:108], (0, 2, 4, 6), 0x03).reshape(n, 16)
+    scales = (low_scales | (high_scales << 4)).float().sub_(32)
+    low = _unpack(blocks[:, 32:96].reshape(n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 256)
+    high = _unpack(blocks[:, :32].reshape(n, 1, 32), range(8), 1).reshape(n, 256)
+    # value = low - 4 * (1 - high) = (low | high << 2) - 4
+    return low | (high << 2), _f16(blocks, 108) * scales, None
+
+
+_BLOCK_CODES: dict[GGMLQuantizationType, Callable[[torch.Tensor], _Codes]] = {
+    Q.Q8_0: _codes_q8_0,
+    Q.Q4_0: _codes_q4_0,
+    Q.Q4_1: _codes_q4_1,
+    Q.Q5_0: _codes_q5_0,
+    Q.Q5_1: _codes_q5_1,
+    Q.Q2_K: _codes_q2_k,
+    Q.Q3_K: _codes_q3_k,
+    Q.Q4_K: _codes_q4_k,
+    Q.Q5_K: _codes_q5_k,
+    Q.Q6_K: _codes_q6_k,
+}
+# type -> (zero point, group size, bits)
+_CODE_FORMATS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
+    Q.Q8_0: (128, 32, 8),
+    Q.Q4_0: (8, 32, 4),
+    Q.Q4_1: (0, 32, 4),
+    Q.Q5_0: (16, 32, 5),
+    Q.Q5_1: (0, 32, 5),
+    Q.Q2_K: (0, 16, 2),
+    Q.Q3_K: (4, 16, 3),
+    Q.Q4_K: (0, 32, 4),
+    Q.Q5_K: (0, 32, 5),
+    Q.Q6_K: (32, 16, 6),
+}
+
+
+def can_keep_quantized(qtype: GGMLQuantizationType) -> bool:
+    """Whether `quantized_codes` reads this type (every type with a fast dequantizer)."""
+    return qtype in _BLOCK_CODES
+
+
+def quantized_codes(
+    raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]
+) -> GroupQuantized:
+    """A 2-D tensor's raw bytes (contiguous uint8) -> its codes, scales and offsets."""
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    zero_point, group_size, bits = _CODE_FORMATS[qtype]
+    codes, scales, offsets = _BLOCK_CODES[qtype](raw.reshape(-1, type_size))
+    rows, groups = shape[0], shape[1] // group_size
+    return GroupQuantized(
+        codes=codes.reshape(shape).contiguous(),
+        scales=scales.reshape(rows, groups).contiguous(),
+        offsets=None if offsets is None else offsets.reshape(rows, groups).contiguous(),
+        zero_point=zero_point,
+        group_size=group_size,
+        bits=bits,
+        source=qtype.name,
+    )

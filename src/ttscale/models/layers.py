@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttscale.errors import ModelLoadError
+from ttscale.loader.checkpoint import GroupQuantized
+from ttscale.models.quant import QuantizedWeight, pack_quantized
 
 
 def _onednn_available() -> bool:
@@ -29,6 +31,10 @@ class Linear(nn.Module):
 
     `weight` keeps the checkpoint's (out, in) shape until `pack()`, so loading and shape
     checks follow the checkpoint's names and layout.
+
+    A quantized weight (`load_quantized`: a GGUF's own blocks, or quantize="int4"/"int8")
+    replaces `weight`; `pack()` puts it in an int4 or int8 CPU kernel's layout (models/quant.py)
+    and the matmul runs on the codes, never on a dequantized copy.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -37,12 +43,28 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN blocked layout (CPU)
+        self.quantized: GroupQuantized | None = None  # as loaded, until pack()
+        self.qweight: QuantizedWeight | None = None  # in its kernel's layout (CPU)
         # A buffer, so `.to(device)` would move it; not persistent: checkpoints keep HF layout.
         self.register_buffer("weight_t", None, persistent=False)
+
+    def load_quantized(self, weight: GroupQuantized) -> None:
+        """Takes a quantized (out, in) weight instead of a float one (CPU only)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ModelLoadError(
+                f"quantized weight of shape {tuple(weight.shape)} for a Linear of "
+                f"{(self.out_features, self.in_features)}"
+            )
+        self.quantized = weight
+        self.register_parameter("weight", None)
 
     def pack(self) -> None:
         """Switches to the fast layout for the weight's device (call after moving the model).
         The original is released unless something else, such as a tied embedding, holds it."""
+        if self.quantized is not None:
+            self.qweight, self.quantized = pack_quantized(self.quantized), None
+            self.register_parameter("weight", None)  # a tied head drops its float alias
+            return
         weight = self.weight.detach()
         if weight.device.type != "cpu":
             return
@@ -54,6 +76,11 @@ class Linear(nn.Module):
         self.register_parameter("weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            shape = x.shape
+            out = self.qweight.mm(x.reshape(-1, self.in_features))
+            out = out if self.bias is None else out + self.bias
+            return out.view(*shape[:-1], self.out_features)
         if self.packed is not None:
             shape = x.shape
             out = torch.ops.mkldnn._linear_pointwise(

@@ -19,8 +19,10 @@ from torch import nn
 from ttscale.attention.base import AttentionContext
 from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.errors import ModelLoadError
+from ttscale.loader.checkpoint import GroupQuantized
 from ttscale.models.config import ModelConfig
 from ttscale.models.layers import Linear, RMSNorm, RotaryEmbedding
+from ttscale.models.quant import cat_rows
 
 
 class HiddenCapture:
@@ -205,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         for ours, parts in shards.items():
             if any(p is None for p in parts):
                 raise ModelLoadError(f"checkpoint is missing part of {ours} (q/k/v or gate/up)")
-            self._assign(params, ours, torch.cat(parts, dim=0), source=ours)
+            self._assign(params, ours, cat_rows(parts), source=ours)
             seen.add(ours)
         if self.config.tie_word_embeddings:
             seen.add("lm_head.weight")
@@ -215,7 +217,11 @@ class LlamaForCausalLM(nn.Module):
                 f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}"
             )
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            embed = tensors.get("model.embed_tokens.weight")
+            if isinstance(embed, GroupQuantized):  # the head computes with the file's codes
+                self.lm_head.load_quantized(embed)
+            else:
+                self.lm_head.weight = self.embed_tokens.weight
 
     def pack(self) -> None:
         """Puts every matmul weight in its fast layout for the current device (layers.Linear).
@@ -240,4 +246,9 @@ class LlamaForCausalLM(nn.Module):
             )
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
+        if isinstance(tensor, GroupQuantized):
+            if isinstance(module, Linear):
+                module.load_quantized(tensor)
+                return
+            tensor = tensor.dequantize()  # a tied embedding's lookup needs the values
         module._parameters[attr] = nn.Parameter(tensor.to(self._dtype), requires_grad=False)

@@ -1,0 +1,230 @@
+"""Weight-only quantized matmuls on CPU: a `GroupQuantized` weight in a kernel's layout.
+
+Two of torch's own CPU kernels, chosen per weight by what it holds:
+- int4 (`aten._weight_int4pack_mm_for_cpu`): 4-bit codes with a scale and a zero per group
+  of 32 or 64 values, `w = (q - 8) * scale + zero`. GGUF Q4_0, Q4_1 and Q4_K map onto it with
+  the file's own codes (Q4_1's `d * q + m` is scale d, zero m + 8d); only the scales and zeros
+  are rounded, to bf16, the kernel's format (relative error <= 2^-9 of each).
+- int8 (`aten._weight_int8pack_mm`): int8 codes with one scale per row. Q8_0, Q5_*, Q6_K and
+  the 16-value groups of Q2_K/Q3_K cannot be re-expressed exactly with per-row scales, so
+  they are requantized (round to nearest, absmax / 127 per row): the error is at most half
+  a row step, measured on the embedded model's Q8_0 head in tests/test_quant.py.
+
+Both kernels have a vectorized path only for bf16 activations (fp32 ones run a scalar loop,
+30-50x slower, measured with torch 2.13), so activations are cast to bf16 around the matmul
+whatever the model's dtype; norms, attention and residuals keep it. They are GEMV-style
+kernels: they win at few rows (decode) and lose to oneDNN's bf16 GEMM from ~8-16 rows on
+(docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ttscale.errors import ModelLoadError
+from ttscale.loader import load_checkpoint
+from ttscale.loader.checkpoint import Checkpoint, GroupQuantized
+
+QUANTIZE_MODES = ("int8", "int4")
+INT4_GROUP = 32  # group size of quantize="int4" (as GGUF's Q4_1)
+_INT4_GROUPS = (32, 64)  # group sizes the int4 path takes as they are
+_INT4_ROWS = 16  # the int4 kernel's N granularity
+_COMPUTE_DTYPE = torch.bfloat16  # the kernels' vectorized activation type
+
+
+class Int4Weight:
+    """A (N, K) weight in the int4 kernel's packed layout plus (K / g, N, 2) scales/zeros."""
+
+    def __init__(self, weight: GroupQuantized) -> None:
+        self.out_features, self.group_size = weight.shape[0], weight.group_size
+        # (c - zp) * s + off == (c - 8) * s + zero  =>  zero = off + (8 - zp) * s
+        zeros = weight.scales * (8 - weight.zero_point)
+        if weight.offsets is not None:
+            zeros = zeros + weight.offsets
+        codes, scales = weight.codes.int(), weight.scales
+        pad = -self.out_features % _INT4_ROWS
+        if pad:  # the kernel takes N in multiples of 16 (a vocabulary may not be): zero rows
+            codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+        # (N, K) int32 codes -> (N, K / 2) uint8, the kernel's interleaving.
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        self.scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(_COMPUTE_DTYPE)
+        self.scales_zeros = self.scales_zeros.contiguous()  # (K / g, N, 2)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, K) -> (T, N) in x's dtype."""
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(_COMPUTE_DTYPE), self.packed, self.group_size, self.scales_zeros
+        )
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]
+        return out.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+class Int8Weight:
+    """A (N, K) weight as int8 codes with one scale per row (symmetric, absmax / 127)."""
+
+    def __init__(self, weight: GroupQuantized) -> None:
+        w = weight.dequantize(torch.float32)
+        scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.scales = scales.to(_COMPUTE_DTYPE)
+        self.out_features = weight.shape[0]
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x.to(_COMPUTE_DTYPE), self.codes, self.scales)
+        return out.to(x.dtype)
+
+
+QuantizedWeight = Int4Weight | Int8Weight
+
+
+def kernel_for(weight: GroupQuantized) -> str:
+    """ "int4" when the codes fit the int4 kernel as they are, else "int8" (requantized)."""
+    fits = weight.bits <= 4 and weight.group_size in _INT4_GROUPS
+    return "int4" if fits and weight.shape[1] % weight.group_size == 0 else "int8"
+
+
+def pack_quantized(weight: GroupQuantized) -> QuantizedWeight:
+    return Int4Weight(weight) if kernel_for(weight) == "int4" else Int8Weight(weight)
+
+
+# --- making and joining GroupQuantized weights ---------------------------------------------------
+
+
+def quantize_weight(w: torch.Tensor, mode: str) -> GroupQuantized:
+    """A float (N, K) weight -> "int4" (asymmetric, groups of 32, like GGUF's Q4_1) or "int8"
+    (symmetric, one scale per row: the int8 kernel's own form, so packing it is exact)."""
+    w = w.detach().float()
+    n, k = w.shape
+    if mode == "int4":
+        if k % INT4_GROUP:
+            raise ModelLoadError(f"int4 needs rows of a multiple of {INT4_GROUP} values, not {k}")
+        groups = w.view(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scales = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round((groups - low.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15)
+        return GroupQuantized(
+            codes.to(torch.uint8).view(n, k), scales, low, 0, INT4_GROUP, 4, "int4"
+        )
+    if mode == "int8":
+        scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round(w / scales[:, None]).clamp_(-127, 127) + 128
+        return GroupQuantized(codes.to(torch.uint8), scales[:, None], None, 128, k, 8, "int8")
+    raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, not {mode!r}")
+
+
+def is_matmul_weight(name: str) -> bool:
+    """HF names of the weights a Linear multiplies by (the head only when untied)."""
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def quantize_tensors(
+    tensors: dict[str, torch.Tensor | GroupQuantized], mode: str, source: str
+) -> dict[str, torch.Tensor | GroupQuantized]:
+    """`quantize="int8" | "int4"` for a float checkpoint: every 2-D matmul weight quantized.
+    A checkpoint that is already quantized is refused (requantizing loses accuracy twice)."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, not {mode!r}")
+    held = sorted({t.source for t in tensors.values() if isinstance(t, GroupQuantized)})
+    if held:
+        raise ModelLoadError(
+            f"{source} is already quantized ({', '.join(held)}); quantize={mode!r} would "
+            "quantize it twice: use quantize='native' (its own) or 'none'"
+        )
+    return {
+        name: quantize_weight(t, mode) if is_matmul_weight(name) and t.dim() == 2 else t
+        for name, t in tensors.items()
+    }
+
+
+def cat_rows(parts: list[torch.Tensor | GroupQuantized]) -> torch.Tensor | GroupQuantized:
+    """Stacks weights along rows (fused q/k/v, gate/up). Quantized parts in one format stay
+    as they are; mixed formats (a Q4_K_M file's Q6_K v beside Q4_K q/k) are put in a common
+    one (finest group, widest codes); a float part makes the whole float."""
+    if not any(isinstance(p, GroupQuantized) for p in parts):
+        return torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    if not all(isinstance(p, GroupQuantized) for p in parts):
+        dtype = next(p.dtype for p in parts if isinstance(p, torch.Tensor))
+        return torch.cat([_dense(p, dtype) for p in parts], dim=0)
+    quantized: list[GroupQuantized] = parts  # type: ignore[assignment]
+    first = quantized[0]
+    same = all(
+        (p.group_size, p.zero_point, p.bits, p.offsets is None)
+        == (first.group_size, first.zero_point, first.bits, first.offsets is None)
+        for p in quantized
+    )
+    if not same:
+        group = math.gcd(*(p.group_size for p in quantized))
+        quantized = [_regroup(p, group) for p in quantized]
+        first = quantized[0]
+    offsets = None if first.offsets is None else torch.cat([p.offsets for p in quantized])  # type: ignore[misc]
+    sources = dict.fromkeys(p.source for p in quantized)
+    return GroupQuantized(
+        codes=torch.cat([p.codes for p in quantized]),
+        scales=torch.cat([p.scales for p in quantized]),
+        offsets=offsets,
+        zero_point=first.zero_point,
+        group_size=first.group_size,
+        bits=first.bits,
+        source="+".join(sources),
+    )
+
+
+def _dense(part: torch.Tensor | GroupQuantized, dtype: torch.dtype) -> torch.Tensor:
+    return part.dequantize(dtype) if isinstance(part, GroupQuantized) else part.to(dtype)
+
+
+def _regroup(weight: GroupQuantized, group: int) -> GroupQuantized:
+    """The same values with zero point 0 (folded into offsets), groups of `group` and 8-bit
+    codes: the common format of a mixed fused weight (it goes to the int8 path anyway)."""
+    repeat = weight.group_size // group
+    scales = weight.scales.repeat_interleave(repeat, dim=1)
+    offsets = -weight.zero_point * scales
+    if weight.offsets is not None:
+        offsets = offsets + weight.offsets.repeat_interleave(repeat, dim=1)
+    return GroupQuantized(weight.codes, scales, offsets, 0, group, 8, weight.source)
+
+
+# --- what LLM(quantize=...) loads ------------------------------------------------------------
+
+QUANTIZE_OPTIONS = ("auto", "none", "native", *QUANTIZE_MODES)
+
+
+def load_for_compute(
+    model: str | Path | None, dtype: torch.dtype, quantize: str, device: str
+) -> Checkpoint:
+    """The checkpoint as the model will compute with it:
+    - "none": every weight dequantized to `dtype` (the parity tests' setting);
+    - "native": a GGUF's matmul weights in its own quantization; refused if the file has none
+      or holds a type the kernels cannot take;
+    - "auto": "native" where the file is quantized (a type the kernels cannot take is
+      dequantized, said in one log line), else "none"; on a non-CPU device always "none";
+    - "int8" / "int4": a float checkpoint's matmul weights quantized at load (refused for one
+      that is already quantized).
+    """
+    if quantize not in QUANTIZE_OPTIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_OPTIONS)}, not {quantize!r}")
+    if torch.device(device).type != "cpu":
+        if quantize not in ("auto", "none"):
+            raise ValueError(f"quantize={quantize!r} computes on CPU only, not on {device}")
+        quantize = "none"
+    checkpoint = load_checkpoint(
+        model,
+        dtype,
+        keep_quantized=quantize in ("auto", *QUANTIZE_MODES),
+        require_quantized=quantize == "native",
+    )
+    if quantize in QUANTIZE_MODES:
+        checkpoint.tensors = quantize_tensors(checkpoint.tensors, quantize, checkpoint.source)
+    elif quantize == "native" and not any(
+        isinstance(t, GroupQuantized) for t in checkpoint.tensors.values()
+    ):
+        raise ModelLoadError(
+            f"{checkpoint.source} holds no quantized weights; quantize='native' needs a quantized "
+            "GGUF (use quantize='int8' or 'int4' to quantize a float model)"
+        )
+    return checkpoint
