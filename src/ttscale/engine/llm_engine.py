@@ -81,6 +81,7 @@ class LLMEngine:
             "model_time": 0.0,
             "draft_tokens": 0,
             "accepted_draft_tokens": 0,
+            "draft_steps": 0,  # sequence-steps that verified drafts: tokens/step = 1 + acc/this
         }
         # What the last step computed and read (the executor's StepShape), for the cost model.
         self.last_step: StepShape | None = None
@@ -470,6 +471,7 @@ class LLMEngine:
         while accepted < k and sampled.token_ids[first + accepted] == drafts[accepted]:
             accepted += 1
         self.stats["accepted_draft_tokens"] += accepted
+        self.stats["draft_steps"] += 1
         # KV is valid for the last accepted token's predecessors: keep exactly those.
         keep = seq.num_tokens + accepted
         seq.num_computed_tokens = keep

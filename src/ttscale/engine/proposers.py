@@ -54,3 +54,14 @@ def make_proposer(method: str, num_speculative_tokens: int) -> Proposer:
     if method == "prompt_lookup":
         return PromptLookupProposer(num_speculative_tokens)
     raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, not {method!r}")
+
+
+def speculation_stats(stats: dict[str, float]) -> dict[str, float]:
+    """From `LLMEngine.stats`: the share of drafted tokens the model kept, and the tokens a
+    sequence gained per step that verified drafts (1 = speculation bought nothing)."""
+    drafted, steps = stats["draft_tokens"], stats["draft_steps"]
+    accepted = stats["accepted_draft_tokens"]
+    return {
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "tokens_per_step": 1 + accepted / steps if steps else 1.0,
+    }
