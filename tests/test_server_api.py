@@ -28,6 +28,7 @@ from tests.test_server import (
     sse_events,
     tiny_llm,
 )
+from tests.test_server_load import rss_mb
 
 BODY_LIMIT = 256 * 1024
 C = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
@@ -382,6 +383,7 @@ HOSTILE = _hostile()
 def test_hostile_inputs_are_4xx_and_the_server_stays_healthy(api):
     assert len(HOSTILE) >= 60
     statuses = []
+    rss0 = rss_mb()
     for path, body in HOSTILE:
         t0 = time.monotonic()
         r = post(api, path, body, timeout=30)
@@ -390,6 +392,10 @@ def test_hostile_inputs_are_4xx_and_the_server_stays_healthy(api):
         assert time.monotonic() - t0 < 10, str(body)[:200]
         statuses.append(r.status_code)
     assert set(statuses) <= {400, 404, 413, 422}
+    # The OOM request (majority@100000) is among them: memory stays bounded.
+    growth = rss_mb() - rss0
+    print(f"\n{len(HOSTILE)} hostile bodies: RSS +{growth:.0f} MB")
+    assert growth < 200
     assert httpx.get(api.url + "/health").status_code == 200
     api.wait_pool_full()
     r = post(api, COMPLETIONS, C)

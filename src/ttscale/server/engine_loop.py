@@ -112,6 +112,20 @@ class JobCancelled(Exception):
     """The job was cancelled (its client left) before it finished."""
 
 
+def _settle(
+    future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None
+) -> None:
+    """Completes a job's future unless its waiter gave up on it first (an asyncio wrapper
+    that is cancelled cancels the future too): that must never fail the engine thread."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 @dataclass(eq=False)
 class _Job:
     """A strategy generator (see ttscale.tts.session): advanced between engine steps,
@@ -274,6 +288,9 @@ class EngineLoop:
                 return
             self._pending_jobs.pop(0)
             self._unwait()
+            if not job.future.set_running_or_notify_cancel():  # its waiter left already
+                job.gen.close()
+                continue
             self._job_blocks += job.blocks
             self._jobs.append(job)
             if self.metrics:
@@ -293,10 +310,10 @@ class EngineLoop:
                     job.wait = job.gen.send(None)
                 except StopIteration as done:
                     self._end_job(job, "finished")
-                    job.future.set_result(done.value)
+                    _settle(job.future, done.value)
                 except Exception as e:
                     self._end_job(job, "error")
-                    job.future.set_exception(e)
+                    _settle(job.future, error=e)
                 else:
                     # A job adds its requests before it waits on them: map them for metrics.
                     for seq in getattr(job.wait, "sequences", ()):
@@ -322,7 +339,7 @@ class EngineLoop:
         else:
             return  # it ended already
         self.num_jobs_cancelled += 1
-        job.future.set_exception(JobCancelled())
+        _settle(job.future, error=JobCancelled())
 
     def _run(self) -> None:
         stalled = False
@@ -343,7 +360,7 @@ class EngineLoop:
                     self._fail(list(self._tracked), 503, "the server is shutting down")
                     for job in self._jobs + self._pending_jobs:
                         job.gen.close()
-                        job.future.set_exception(EngineFailure(503, "shutting down"))
+                        _settle(job.future, error=EngineFailure(503, "shutting down"))
                     self._publish()
                     return
                 stalled = self.engine.has_unfinished and not self._step()

@@ -105,7 +105,8 @@ async def run_strategy_request(
         gone.cancel()
         if not work.done():
             handle.cancel()
-    if not work.done():
+            work.cancel()  # nobody will read its outcome
+    if work.cancelled():
         return Response(status_code=499)  # the client left; nobody reads this
     try:
         result = work.result()
