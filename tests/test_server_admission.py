@@ -231,6 +231,29 @@ def test_strategy_job_abandoned_by_its_client_is_cancelled_and_frees_kv(tight):
     assert loop.snapshot["jobs_running"] == 0 and loop.snapshot["job_kv_blocks_reserved"] == 0
 
 
+def test_engine_failure_during_a_job_is_500_and_frees_its_kv(tight):
+    def patch(engine):
+        step = type(engine).step
+        calls = []
+
+        def failing_step():
+            calls.append(1)
+            if len(calls) == 3:  # mid-generation: the job's branches hold KV
+                del engine.step
+                step(engine)
+                raise RuntimeError("injected engine bug")
+            return step(engine)
+
+        engine.step = failing_step
+
+    tight.on_engine(patch)
+    r = post(tight, CHAT, tts("majority@4", max_tokens=20, ignore_eos=True))
+    assert r.status_code == 500 and "injected engine bug" in r.json()["error"]["message"]
+    tight.wait_pool_full()
+    assert tight.engine_loop.snapshot["jobs_running"] == 0
+    assert post(tight, CHAT, tts("majority@2", max_tokens=4)).status_code == 200
+
+
 def metric_values(live: LiveServer) -> dict[str, float]:
     text = httpx.get(live.url + "/metrics").text
     return {

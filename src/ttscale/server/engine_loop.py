@@ -329,6 +329,18 @@ class EngineLoop:
         if self.metrics:
             self.metrics.jobs_finished.labels(outcome).inc()
 
+    def _fail_jobs(self, message: str) -> None:
+        """Jobs whose requests a failed step may have corrupted end with a 500 (closing a
+        job's generator releases its session, like any cancel)."""
+        running = self.engine.running_request_ids()
+        touched = {
+            job for rid, job in self._job_of.items() if rid in running or self.engine.holds_kv(rid)
+        }
+        for job in [j for j in self._jobs if j in touched]:
+            job.gen.close()
+            self._end_job(job, "error")
+            _settle(job.future, error=EngineFailure(500, message))
+
     def _cancel_job(self, job: _Job) -> None:
         if job in self._pending_jobs:
             self._pending_jobs.remove(job)
@@ -423,6 +435,7 @@ class EngineLoop:
             # StepError names every request of the step: clients only see the cause.
             cause = e.__cause__ if isinstance(e, StepError) and e.__cause__ else e
             message = f"engine error: {type(cause).__name__}: {cause}"
+            self._fail_jobs(message)  # before _fail: it checks the pool's integrity
             self._fail(self._touched_by_step(), 500, message)
             return True
         now = time.monotonic()
