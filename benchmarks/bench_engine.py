@@ -9,6 +9,8 @@ Workloads (each engine that supports it):
   single    one short chat prompt, 128 new tokens, greedy, EOS ignored: decode tok/s, end-to-end
   parallel  n=16 and n=64 samples of one ~140-token chat prompt, 128 new tokens each (T=0.8)
   prefill   a 1000-token prompt, max_tokens=1
+  copy      fix the typos of a ~400-token text and write it out: 256 new tokens, greedy, EOS
+            ignored (the answer repeats the prompt: what prompt-lookup speculation is for)
   rss       peak RSS of each engine's process
 
 Every engine runs in its own subprocess (this script with `--engine NAME`), so peak RSS is its
@@ -32,16 +34,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
 
-# ttscale-bf16: the same engine with bf16 weights and KV (native bf16 matmuls on AVX512-BF16
-# / AMX CPUs); plain ttscale runs fp32, as transformers does.
-ENGINES = ("ttscale", "ttscale-bf16", "transformers", "llamacpp")
-OURS = ("ttscale", "ttscale-bf16")
-WORKLOADS = ("single", "parallel", "prefill")
+# ttscale: weights dequantized to fp32 (quantize="none"), as transformers does; ttscale-bf16:
+# to bf16 (native bf16 matmuls on AVX512-BF16 / AMX CPUs); ttscale-int4: the GGUF's own
+# quantization (quantize="native": Q4_1 on the int4 kernel, the Q8_0 head on the int8 one);
+# ttscale-lookup: ttscale-int4 plus prompt-lookup speculation.
+ENGINES = ("ttscale", "ttscale-bf16", "ttscale-int4", "ttscale-lookup", "transformers", "llamacpp")
+OURS = ("ttscale", "ttscale-bf16", "ttscale-int4", "ttscale-lookup")
+WORKLOADS = ("single", "parallel", "prefill", "copy")
+LOOKUP_TOKENS = 4  # drafts per step of ttscale-lookup (the int4 kernel's cost grows per row)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "runs" / "bench_engine.json"
 QUANT_NOTE = (
-    "llama.cpp runs the GGUF's Q4_1 weights (F16 KV cache); "
-    "ttscale and transformers dequantize them to fp32, ttscale-bf16 to bf16."
+    "llama.cpp runs the GGUF's Q4_1 weights (F16 KV cache); ttscale-int4 and ttscale-lookup "
+    "compute with them too (bf16 activations in the kernels); ttscale and transformers "
+    "dequantize them to fp32, ttscale-bf16 to bf16."
 )
 SAMPLING_NOTE = (
     "parallel sampling: ttscale and transformers use T=0.8, top_p=0.95; the llama.cpp peer "
@@ -65,9 +71,18 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
     from ttscale import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model_path"], num_threads=threads, dtype=spec.get("dtype", "float32"))
+    llm = LLM(
+        model=spec["model_path"],
+        num_threads=threads,
+        dtype=spec.get("dtype", "float32"),
+        quantize=spec.get("quantize", "none"),
+        speculative=spec.get("speculative"),
+        num_speculative_tokens=LOOKUP_TOKENS,
+    )
     results: dict[str, Any] = {"load_s": time.perf_counter() - t0}
-    single, parallel, prefill = (peers.Variants(spec["prompts"][k]) for k in spec["prompts_keys"])
+    single, parallel, prefill, copy = (
+        peers.Variants(spec["prompts"][k]) for k in spec["prompts_keys"]
+    )
     T = spec["max_tokens"]
 
     def usage_dict(usage: Any) -> dict[str, Any]:
@@ -153,13 +168,31 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
             "usage": usage,
         }
 
-    peers.run_workloads(results, spec, run_single, run_parallel, run_prefill)
+    def run_copy() -> dict[str, Any]:
+        from ttscale.engine.proposers import speculation_stats
+
+        ids = copy.take()
+        before = dict(llm.engine.stats)
+        dt, usage, samples = generate(ids, peers.COPY_NEW_TOKENS)
+        delta = {k: llm.engine.stats[k] - before[k] for k in before}
+        return {
+            **peers.copy_result(ids, dt, samples[0]),
+            "steps": delta["steps"],
+            "speculation": speculation_stats(delta),
+            "usage": usage,
+        }
+
+    peers.run_workloads(results, spec, run_single, run_parallel, run_prefill, run_copy)
     return results
 
 
 RUNNERS = {
     "ttscale": run_ttscale,
     "ttscale-bf16": lambda spec: run_ttscale({**spec, "dtype": "bfloat16"}),
+    "ttscale-int4": lambda spec: run_ttscale({**spec, "quantize": "native"}),
+    "ttscale-lookup": lambda spec: run_ttscale(
+        {**spec, "quantize": "native", "speculative": "prompt_lookup"}
+    ),
     "transformers": peers.run_transformers,
     "llamacpp": peers.run_llamacpp,
 }
@@ -233,6 +266,8 @@ def _rows(ns: list[int], workloads: list[str]) -> list[tuple[str, str, str]]:
             rows.append((f"parallel n={n}: end-to-end tok/s", f"parallel_n{n}", "e2e_tok_s"))
     if "prefill" in workloads:
         rows.append((f"prefill {peers.PREFILL_TOKENS} tok: tok/s", "prefill", "prefill_tok_s"))
+    if "copy" in workloads:
+        rows.append((f"copy {peers.COPY_NEW_TOKENS} tok: end-to-end tok/s", "copy", "e2e_tok_s"))
     rows.append(("peak RSS MiB", "", "peak_rss_mib"))
     return rows
 
@@ -283,6 +318,10 @@ def print_table(table: list[dict[str, Any]], engines: list[str]) -> None:
         "ttscale/transformers": "ts/transf.",
         "ttscale-bf16/llamacpp": "bf16/llama.cpp",
         "ttscale-bf16/transformers": "bf16/transf.",
+        "ttscale-int4/llamacpp": "int4/llama.cpp",
+        "ttscale-int4/transformers": "int4/transf.",
+        "ttscale-lookup/llamacpp": "lookup/llama.cpp",
+        "ttscale-lookup/transformers": "lookup/transf.",
     }
     w0 = max(len(r["row"]) for r in table) + 2
     head = "".ljust(w0) + "".join(names.get(c, c).rjust(16) for c in cols)
@@ -403,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"prompts: single {len(prompts['single'][0])} tok, parallel {len(prompts['parallel'][0])}"
-        f" tok, prefill {len(prompts['prefill'][0])} tok ({time.perf_counter() - t0:.1f}s)"
+        f" tok, prefill {len(prompts['prefill'][0])} tok, copy {len(prompts['copy'][0])} tok"
+        f" ({time.perf_counter() - t0:.1f}s)"
     )
     spec = {
         "model_path": str(peers.model_path()),
@@ -418,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         "retries": args.retries,
         "quiet_wait_s": args.quiet_wait,
         "llamacpp_kv_unified": args.llamacpp_unified_kv,
-        "prompts_keys": ["single", "parallel", "prefill"],
-        "prompts": {k: prompts[k] for k in ("single", "parallel", "prefill")},
+        "prompts_keys": ["single", "parallel", "prefill", "copy"],
+        "prompts": {k: prompts[k] for k in ("single", "parallel", "prefill", "copy")},
     }
 
     results: dict[str, dict[str, Any]] = {}
@@ -470,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": machine,
         "config": {k: v for k, v in spec.items() if k not in ("prompts", "prompts_keys")},
-        "prompt_tokens": {k: len(prompts[k][0]) for k in ("single", "parallel", "prefill")},
+        "prompt_tokens": {k: len(prompts[k][0]) for k in ("single", "parallel", "prefill", "copy")},
         "notes": [QUANT_NOTE, SAMPLING_NOTE],
         "table": table,
         "greedy_agreement": agreement,

@@ -36,6 +36,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PARALLEL_PROMPT_RANGE = (130, 150)
 PREFILL_TOKENS = 1000
+COPY_TEXT_CHARS = 1700  # ~400 tokens of text to edit
+COPY_NEW_TOKENS = 256
 
 
 def model_path() -> Path:
@@ -187,6 +189,20 @@ def _prefill_text(k: int) -> str:
     return "\n\n".join(parts)
 
 
+def _copy_messages(k: int) -> list[dict[str, str]]:
+    """The `copy` workload: an edit whose answer repeats most of a ~400-token text (what
+    prompt lookup is for). The typos give the model something to change."""
+    text = _prefill_text(k)[:COPY_TEXT_CHARS].rsplit(" ", 1)[0]
+    text = text.replace("mathematics", "mathemathics").replace("geometry", "geometyr")
+    return [
+        {
+            "role": "user",
+            "content": "Fix the spelling mistakes in this text and write it out in full, "
+            f"changing nothing else:\n\n{text}",
+        }
+    ]
+
+
 def load_tokenizer(path: Path | None = None):
     """The GGUF's own tokenizer and chat template, through transformers (what ttscale wraps)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -210,6 +226,7 @@ def build_prompts(n_variants: int = 12, tokenizer=None) -> dict[str, Any]:
     single = [chat(_single_messages(k)) for k in keys]
     parallel = [chat(_math_messages(k)) for k in keys]
     prefill = [tok.encode(_prefill_text(k), add_special_tokens=False) for k in keys]
+    copy = [chat(_copy_messages(k)) for k in keys]  # lengths may differ by a token or two
     lo, hi = PARALLEL_PROMPT_RANGE
     assert lo <= len(parallel[0]) <= hi, f"parallel prompt has {len(parallel[0])} tokens"
     assert all(len(p) >= PREFILL_TOKENS for p in prefill), "prefill text too short"
@@ -221,6 +238,7 @@ def build_prompts(n_variants: int = 12, tokenizer=None) -> dict[str, Any]:
         "single": single,
         "parallel": parallel,
         "prefill": prefill,
+        "copy": copy,
         "text": {
             "single": tok.decode(single[0]),
             "parallel": tok.decode(parallel[0]),
@@ -339,6 +357,7 @@ def run_workloads(
     run_single: Callable[[], dict[str, Any]],
     run_parallel: Callable[[int], dict[str, Any]],
     run_prefill: Callable[[], dict[str, Any]],
+    run_copy: Callable[[], dict[str, Any]],
 ) -> None:
     """Runs the workloads `spec` asks for, each under `guarded`, into `results`."""
     if "single" in spec["workloads"]:
@@ -348,6 +367,20 @@ def run_workloads(
             guarded(results, f"parallel_n{n}", lambda n=n: run_parallel(n), spec)
     if "prefill" in spec["workloads"]:
         guarded(results, "prefill", run_prefill, spec)
+    if "copy" in spec["workloads"]:
+        guarded(results, "copy", run_copy, spec)
+
+
+def copy_result(ids: list[int], wall_s: float, token_ids: list[int]) -> dict[str, Any]:
+    """The fields every engine reports for the `copy` workload (greedy, EOS ignored)."""
+    return {
+        "prompt_tokens": len(ids),
+        "prompt_id": prompt_id(ids),
+        "new_tokens": len(token_ids),
+        "wall_s": wall_s,
+        "e2e_tok_s": len(token_ids) / wall_s,
+        "token_ids": token_ids,
+    }
 
 
 def parallel_result(
@@ -513,7 +546,7 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         return dt, new.tolist()
 
     results: dict[str, Any] = {"load_s": load_s, "load": how}
-    single, parallel, prefill = (Variants(spec["prompts"][k]) for k in spec["prompts_keys"])
+    single, parallel, prefill, copy = (Variants(spec["prompts"][k]) for k in spec["prompts_keys"])
     T = spec["max_tokens"]
 
     log("  warm-up ...")
@@ -553,7 +586,12 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         dt, _ = generate(ids, 1)
         return {"prompt_tokens": len(ids), "wall_s": dt, "prefill_tok_s": len(ids) / dt}
 
-    run_workloads(results, spec, run_single, run_parallel, run_prefill)
+    def run_copy() -> dict[str, Any]:
+        ids = copy.take()
+        dt, new = generate(ids, COPY_NEW_TOKENS)
+        return copy_result(ids, dt, new[0])
+
+    run_workloads(results, spec, run_single, run_parallel, run_prefill, run_copy)
     return results
 
 
@@ -660,7 +698,7 @@ def run_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
     lc = _LlamaCpp(Path(spec["model_path"]), spec["threads"])
     L = lc.L
     results: dict[str, Any] = {"load_s": time.perf_counter() - t0}
-    single, parallel, prefill = (Variants(spec["prompts"][k]) for k in spec["prompts_keys"])
+    single, parallel, prefill, copy = (Variants(spec["prompts"][k]) for k in spec["prompts_keys"])
     T = spec["max_tokens"]
     rng = np.random.default_rng(spec.get("seed", 0))
 
@@ -783,6 +821,18 @@ def run_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
             lc.free_context(ctx)
         return {"prompt_tokens": P, "wall_s": r["wall_s"], "prefill_tok_s": P / r["wall_s"]}
 
+    def run_copy() -> dict[str, Any]:
+        ids = copy.take()
+        ctx = lc.context(n_ctx=len(ids) + COPY_NEW_TOKENS + 64, n_seq=1, n_batch=512)
+        batch = L.llama_batch_init(512, 0, 1)
+        try:
+            stream(ctx, batch, copy.take(), 8)  # warm-up in this context
+            r = stream(ctx, batch, ids, COPY_NEW_TOKENS)
+        finally:
+            L.llama_batch_free(batch)
+            lc.free_context(ctx)
+        return copy_result(ids, r["wall_s"], r["token_ids"])
+
     log("  warm-up ...")  # model-level warm-up; each workload also warms its own context
     ctx = lc.context(n_ctx=512, n_seq=1, n_batch=512)
     batch = L.llama_batch_init(512, 0, 1)
@@ -790,6 +840,6 @@ def run_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
     L.llama_batch_free(batch)
     lc.free_context(ctx)
 
-    run_workloads(results, spec, run_single, run_parallel, run_prefill)
+    run_workloads(results, spec, run_single, run_parallel, run_prefill, run_copy)
     lc.close()
     return results

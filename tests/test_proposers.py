@@ -15,7 +15,7 @@ from ttscale.sampling.params import SamplingParams
 
 
 def test_lookup_takes_the_latest_match_of_the_longest_suffix() -> None:
-    proposer = PromptLookupProposer(k=3, ngram=3)
+    proposer = PromptLookupProposer(k=3, ngram=3, min_ngram=1)
     #         0  1  2  3  4  5  6  7  8  9 10
     tokens = [5, 6, 7, 1, 2, 5, 6, 7, 3, 4, 5, 6, 7]
     assert proposer.propose(0, tokens) == [3, 4, 5]  # latest [5 6 7] is at 5, then 3 4 5
@@ -23,13 +23,14 @@ def test_lookup_takes_the_latest_match_of_the_longest_suffix() -> None:
     assert proposer.propose(0, [1, 2, 3]) == []
     assert proposer.propose(0, [4]) == []
     assert PromptLookupProposer(k=2, ngram=2).propose(0, [1, 2, 7, 1, 2]) == [7, 1]
+    assert PromptLookupProposer(k=2).propose(0, [9, 8, 1, 2, 9, 7, 3, 8]) == []  # min 2
 
 
 def test_lookup_matches_whole_tokens_only() -> None:
     """The search runs on bytes: a hit straddling two tokens' bytes must not count."""
     # 256 = 00 01 00 00 and 1 = 01 00 00 00 (little-endian): [256, 1]'s bytes contain
     # 01 00 00 00 at offset 1, which is not a token boundary.
-    proposer = PromptLookupProposer(k=2, ngram=1)
+    proposer = PromptLookupProposer(k=2, ngram=1, min_ngram=1)
     assert proposer.propose(0, [256, 7, 1]) == []
     assert proposer.propose(0, [1, 42, 256, 7, 1]) == [42, 256]
     assert proposer.propose(0, [70000, 3, 4, 70000]) == [3, 4]
@@ -38,6 +39,8 @@ def test_lookup_matches_whole_tokens_only() -> None:
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="num_speculative_tokens must be >= 1"):
         PromptLookupProposer(k=0)
+    with pytest.raises(ValueError, match="need 1 <= min_ngram <= ngram"):
+        PromptLookupProposer(ngram=1)
     with pytest.raises(ValueError, match="speculative must be one of prompt_lookup"):
         make_proposer("medusa", 4)
 

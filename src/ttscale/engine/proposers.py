@@ -20,13 +20,15 @@ class PromptLookupProposer:
     earlier occurrence of the sequence's last `ngram` tokens (then shorter suffixes, down to
     `min_ngram`) and propose the `k` tokens that followed it. No second model: it pays where
     the answer repeats the context (edits, summaries, code, quoting), and costs one
-    (T,)-token scan per step elsewhere.
+    (T,)-token scan per step elsewhere, plus the verification of drafts that miss.
+    `min_ngram=2`: single-token matches drafted mostly misses on the embedded model
+    (acceptance 0.67 vs 0.81 on the copy workload), and every verified row costs time.
 
     Deterministic (a function of the tokens alone), so the engine's acceptance keeps the
     target distribution exactly at any temperature.
     """
 
-    def __init__(self, k: int = 4, ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, k: int = 4, ngram: int = 3, min_ngram: int = 2) -> None:
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, not {k}")
         if not 1 <= min_ngram <= ngram:
