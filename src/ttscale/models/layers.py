@@ -33,8 +33,8 @@ class Linear(nn.Module):
     checks follow the checkpoint's names and layout.
 
     A quantized weight (`load_quantized`: a GGUF's own blocks, or quantize="int4"/"int8")
-    replaces `weight`; `pack()` puts it in an int4 or int8 CPU kernel's layout (models/quant.py)
-    and the matmul runs on the codes, never on a dequantized copy.
+    replaces `weight`; `pack()` puts it in an int4 or int8 CPU kernel's layout (models/quant.py):
+    decode-sized steps run on the codes, steps of many rows on a bf16 copy (quant.GEMV_ROWS).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:

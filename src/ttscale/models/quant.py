@@ -17,7 +17,12 @@ computed alone (batch-invariant), GEMV-style: cost grows with the rows. Measured
 2-core EPYC (1 thread, 30 layers of a 3072x576 weight, beyond cache), us per matmul:
 rows 1: int4 70, oneDNN bf16 121, fp32 212; rows 4: 99 / 130 / 234; rows 16: 360 / 224 /
 400; rows 64: 1380 / 575 / 1110. So they win at decode and short verification steps and
-lose to oneDNN from ~8-16 rows on.
+lose to oneDNN from ~8-16 rows on: steps of more than GEMV_ROWS rows (prefill, parallel
+sampling) run on a bf16 oneDNN copy of the dequantized weight instead (2 bytes per weight
+more; still half of fp32). Engine-level, same busy machine, 1 thread, embedded model, tok/s
+at n = 1 / 16 / 64 samples: fp32 33 / 273 / 383, bf16 46 / 367 / 540, GGUF-native under
+fp32 activations elsewhere 59 / 348 / 481 (codes only, before the bf16 copy: 35 / 187 / 108
+on a busier minute).
 """
 
 from __future__ import annotations
@@ -32,17 +37,44 @@ from ttscale.loader import load_checkpoint
 from ttscale.loader.checkpoint import Checkpoint, GroupQuantized
 
 QUANTIZE_MODES = ("int8", "int4")
+# Steps with more rows than this run on a bf16 copy of the weight through oneDNN's GEMM (see
+# the timings above: the kernels' cost grows per row, oneDNN's barely until ~16).
+GEMV_ROWS = 8
 INT4_GROUP = 32  # group size of quantize="int4" (as GGUF's Q4_1)
 _INT4_GROUPS = (32, 64)  # group sizes the int4 path takes as they are
 _INT4_ROWS = 16  # the int4 kernel's N granularity
 _COMPUTE_DTYPE = torch.bfloat16  # the kernels' vectorized activation type
 
 
-class Int4Weight:
+class _WithDense:
+    """Many-row steps (prefill, parallel sampling) on a bf16 oneDNN copy of the dequantized
+    weight (the file's values rounded to bf16): the quantized kernels are GEMV-style and
+    lose from ~8 rows on (at 64 rows 2.4x slower than oneDNN bf16). Costs 2 bytes per weight
+    beside the codes; `dense=False` keeps the codes only."""
+
+    dense: torch.Tensor | None = None
+    out_features: int
+
+    def _keep_dense(self, weight: GroupQuantized, dense: bool) -> None:
+        if dense and torch.backends.mkldnn.is_available():
+            w = weight.dequantize(_COMPUTE_DTYPE)
+            self.dense = torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+    def _dense_mm(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.dense is None or x.shape[0] <= GEMV_ROWS:
+            return None
+        out = torch.ops.mkldnn._linear_pointwise(
+            x.to(_COMPUTE_DTYPE), self.dense, None, "none", [], ""
+        )
+        return out.to(x.dtype)
+
+
+class Int4Weight(_WithDense):
     """A (N, K) weight in the int4 kernel's packed layout plus (K / g, N, 2) scales/zeros."""
 
-    def __init__(self, weight: GroupQuantized) -> None:
+    def __init__(self, weight: GroupQuantized, dense: bool = True) -> None:
         self.out_features, self.group_size = weight.shape[0], weight.group_size
+        self._keep_dense(weight, dense)
         # (c - zp) * s + off == (c - 8) * s + zero  =>  zero = off + (8 - zp) * s
         zeros = weight.scales * (8 - weight.zero_point)
         if weight.offsets is not None:
@@ -59,6 +91,8 @@ class Int4Weight:
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, K) -> (T, N) in x's dtype."""
+        if (out := self._dense_mm(x)) is not None:
+            return out
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(_COMPUTE_DTYPE), self.packed, self.group_size, self.scales_zeros
         )
@@ -67,10 +101,11 @@ class Int4Weight:
         return out.to(x.dtype, memory_format=torch.contiguous_format)
 
 
-class Int8Weight:
+class Int8Weight(_WithDense):
     """A (N, K) weight as int8 codes with one scale per row (symmetric, absmax / 127)."""
 
-    def __init__(self, weight: GroupQuantized) -> None:
+    def __init__(self, weight: GroupQuantized, dense: bool = True) -> None:
+        self._keep_dense(weight, dense)
         w = weight.dequantize(torch.float32)
         scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
         self.codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -78,6 +113,8 @@ class Int8Weight:
         self.out_features = weight.shape[0]
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if (out := self._dense_mm(x)) is not None:
+            return out
         out = torch.ops.aten._weight_int8pack_mm(x.to(_COMPUTE_DTYPE), self.codes, self.scales)
         return out.to(x.dtype)
 
