@@ -310,3 +310,18 @@ def test_float_model_quantized_at_load(model_dir: Path, mode: str) -> None:
     expected = _full_logits(reference, ids)
     diff = (_full_logits(quantized, ids) - expected).abs()
     assert 0 < diff.mean() < (0.3 if mode == "int4" else 0.03) * expected.std()
+
+
+def test_cli_quantize_option(q4_1_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ttscale.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["generate", "ab", "--raw", "--quantize", "int3"])
+    assert bad.exit_code == 2 and "quantize must be one of" in bad.output
+    args = ["generate", "ab", "--raw", "-m", str(q4_1_path), "--max-tokens", "3"]
+    for mode in ("native", "none"):
+        assert runner.invoke(app, [*args, "--quantize", mode]).exit_code == 0
+    twice = runner.invoke(app, [*args, "--quantize", "int4"])
+    assert twice.exit_code == 2 and "already quantized" in twice.output
