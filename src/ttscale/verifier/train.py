@@ -99,10 +99,11 @@ def _train(
     # Class balance for BCE: correct candidates are a minority on hard tasks.
     n_pos = float(y.sum())
     pos_weight = torch.tensor((len(y) - n_pos) / max(n_pos, 1.0))
+    xs = (x - model.mean) / model.std  # standardized once, not every epoch
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     for _ in range(config.epochs):
         opt.zero_grad()
-        s = model(x)
+        s = model.net(xs).squeeze(-1)
         loss = torch.zeros(())
         if use_bce:
             loss = loss + nn.functional.binary_cross_entropy_with_logits(
