@@ -97,10 +97,19 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--searches", default="beam,tree,adaptive", help="'' to skip")
+    ap.add_argument(
+        "--search-problems", type=int, default=None, help="run the searches on the first ones"
+    )
     ap.add_argument("--check", type=int, default=20, help="problems run for real as a check")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--training-data", type=Path, default=None, help="probe data to check overlap")
+    ap.add_argument(
+        "--training-data",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="the probe's data files: problems whose question appears there are left out",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/report"))
     args = ap.parse_args()
 
@@ -111,22 +120,34 @@ def main() -> None:
     )
     search = SearchConfig(step_delimiter="\n")  # the probe's process labels cut at newlines
     llm = LLM(num_threads=args.threads, dtype=args.dtype)
-    specs = ["greedy", f"bon@{N}"]
+    base = ["greedy", f"bon@{N}"]
     names = {"beam": f"beam@{N}/{M}", "tree": f"tree@{N}", "adaptive": f"adaptive@{N}"}
-    specs += [names[s] for s in args.searches.split(",") if s]
-    run_eval(
-        llm,
-        task,
-        specs,
-        args.n_problems,
-        args.out,
-        seed=args.seed,
-        params=params,
-        scorer_spec=args.scorer,
-        search=search,
-    )
+    searches = [names[s] for s in args.searches.split(",") if s]
+    specs = base + searches
+    for group, n_problems in ((base, args.n_problems), (searches, args.search_problems)):
+        if group:
+            run_eval(
+                llm,
+                task,
+                group,
+                n_problems or args.n_problems,
+                args.out,
+                seed=args.seed,
+                params=params,
+                scorer_spec=args.scorer,
+                search=search,
+            )
     records = load_records(args.out / "records.jsonl")
     problems = {p.id: p for p in task.problems(args.n_problems, args.seed)}
+    # Held out means never seen: a question the probe was trained (or selected) on is left
+    # out, even if another seed generated it again.
+    seen = {
+        json.loads(line).get("question")
+        for path in args.training_data
+        for line in path.open(encoding="utf-8")
+    }
+    overlap = {i for i, p in problems.items() if p.question in seen}
+    problems = {i: p for i, p in problems.items() if i not in overlap}
     by_spec: dict[str, list[dict]] = {}
     for r in records:
         if r["problem_id"] in problems:
@@ -139,11 +160,10 @@ def main() -> None:
         "n_problems": len(problems),
         "seed": args.seed,
         "scorer": args.scorer,
-        "params": vars(args) | {"out": str(args.out)},
+        "params": vars(args)
+        | {"out": str(args.out), "training_data": list(map(str, args.training_data))},
+        "left_out_seen_in_training": len(overlap),
     }
-    if args.training_data is not None:
-        seen = {json.loads(line)["question"] for line in args.training_data.open()}
-        report["overlap_with_training"] = sum(p.question in seen for p in problems.values())
 
     rows = {s: by_spec[s] for s in specs}
     for k in sorted({N // 2, N}):
@@ -189,7 +209,15 @@ def main() -> None:
     }
 
     table = []
-    correct = {s: [r["correct"] for r in rs] for s, rs in rows.items()}
+    correct = {s: {r["problem_id"]: r["correct"] for r in rs} for s, rs in rows.items()}
+
+    def paired(a: str, b: str) -> dict[str, float]:
+        """McNemar on the problems both ran (searches may cover the first ones only)."""
+        ids = sorted(correct[a].keys() & correct[b].keys())
+        return {
+            **mcnemar([correct[a][i] for i in ids], [correct[b][i] for i in ids]),
+            "n": len(ids),
+        }
 
     def order(name: str) -> tuple[int, int]:
         kind = name.split("@")[0]
@@ -199,10 +227,10 @@ def main() -> None:
 
     for name in sorted(rows, key=order):
         stats = row_stats(name, rows[name])
-        stats["vs_greedy"] = mcnemar(correct[name], correct["greedy"])
+        stats["vs_greedy"] = paired(name, "greedy")
         maj = f"majority@{order(name)[0]}"
         if maj in correct and name not in (maj, "greedy"):
-            stats["vs_majority"] = mcnemar(correct[name], correct[maj])
+            stats["vs_majority"] = paired(name, maj)
         table.append(stats)
     report["strategies"] = table
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
