@@ -13,13 +13,14 @@ import torch
 
 from tests.conftest import make_tiny_model
 from ttscale import LLM, SamplingParams
+from ttscale.errors import ProbeError
 from ttscale.scorers import load_scorer
 from ttscale.scorers.base import ScoreContext
 from ttscale.scorers.probe import ProbeScorer
 from ttscale.strategies.api import make_query, solve_many
 from ttscale.tts.hygiene import Hygiene
 from ttscale.tts.session import Session, drive
-from ttscale.verifier.probe import FeatureSpec, Probe, ProbeError, model_hash
+from ttscale.verifier.probe import FeatureSpec, Probe, model_hash
 from ttscale.verifier.train import ProbeHead
 
 PARAMS = SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ttscale.errors import ProbeError
 from ttscale.tasks import Problem, Task
 from ttscale.verifier.data import (
     Candidate,
@@ -22,7 +23,7 @@ from ttscale.verifier.features import answer_start, pool
 from ttscale.verifier.fit import FeatureTable, search, within_auroc
 from ttscale.verifier.metrics import ProblemView, auroc, evaluate, mcnemar, select
 from ttscale.verifier.pipeline import VerifierRun, default_layers
-from ttscale.verifier.probe import FeatureSpec, Probe, ProbeError, model_hash
+from ttscale.verifier.probe import FeatureSpec, Probe, model_hash
 from ttscale.verifier.train import (
     ProbeHead,
     TrainConfig,

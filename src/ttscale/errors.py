@@ -42,3 +42,7 @@ class NoFreeBlocksError(RuntimeError):
 class StrategySpecError(ValueError):
     """A strategy spec string (`majority@16`, `beam@16/4`) that does not parse or names an
     unknown strategy."""
+
+
+class ProbeError(ValueError):
+    """A probe verifier folder is missing, damaged, or made for another model."""

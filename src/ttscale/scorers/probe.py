@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ttscale.errors import ProbeError
 from ttscale.scorers.base import ScoreContext
 from ttscale.tts.session import Branch, Wait
 from ttscale.verifier.features import answer_start
-from ttscale.verifier.probe import Probe, ProbeError
+from ttscale.verifier.probe import Probe
 
 # The probe shipped for the embedded model (see its card.json for the command that trained it).
 SHIPPED_PROBE = (

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ttscale.errors import ProbeError
 from ttscale.verifier.features import POOLINGS, answer_start, pool
 from ttscale.verifier.train import ProbeHead
 
@@ -36,10 +37,6 @@ CARD_VERSION = 1
 # Files that define a model folder's weights and tokenizer, hashed in name order.
 _MODEL_FILES = ("*.safetensors", "*.gguf", "config.json", "tokenizer.json", "tokenizer_config.json")
 _HASHES: dict[tuple[str, int, int], str] = {}
-
-
-class ProbeError(ValueError):
-    """A probe folder is missing, damaged, or made for another model."""
 
 
 def model_hash(source: str | Path) -> str:
