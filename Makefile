@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: compare test-time scaling strategies on 8 arithmetic problems with the
-# embedded model (~1.5 min on 2 cores): accuracy, tokens, KV, time, cost; plot in runs/demo.
+# The main job: greedy, self-consistency and the probe verifier's weighted vote side by side on
+# 24 arithmetic problems with the embedded model (~1 min on 2 cores): accuracy, tokens, KV,
+# time, cost; plot in runs/demo. The probe ships in the package (verifier/shipped/).
 demo: $(STAMP)
-	$(BIN)/ttscale eval --task arithmetic --n-problems 8 --strategies greedy,majority@8,beam@8/4 \
-		--max-tokens 128 --out runs/demo --no-resume
+	$(BIN)/ttscale eval --task arithmetic --n-problems 24 \
+		--strategies greedy,majority@16,weighted@16 --scorer probe \
+		--max-tokens 160 --out runs/demo --no-resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

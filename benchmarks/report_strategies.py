@@ -58,7 +58,8 @@ def derived_rows(records: list[dict], task, problems: dict, k: int) -> dict[str,
             i for i, c in enumerate(cands) if c["score"] is not None and c["answer"] is not None
         ]
         best = cands[max(kept, key=lambda i: (scores[i], -i))]["answer"] if kept else None
-        cost = {f: r.get(f) for f in COST}
+        # The bon@N run's cost belongs to N samples; @k rows (k < N) have no cost of their own.
+        cost = {f: r.get(f) if k == len(r["candidates"]) else None for f in COST}
         for name, answer in (("majority", maj), ("weighted", wtd), ("bon", best)):
             out[f"{name}@{k}"].append(
                 {
@@ -249,8 +250,16 @@ def main() -> None:
             f"| {s['strategy']} | {s['accuracy']:.1%} [{s['lo']:.1%}, {s['hi']:.1%}] | "
             f"{vg['wins']}/{vg['losses']} ({vg['p_value']:.3g}) | "
             + (f"{vm['wins']}/{vm['losses']} ({vm['p_value']:.3g})" if vm else "-")
-            + f" | {s['generated_tokens']:.0f} | {(s['flops'] or 0) / 1e9:.0f} | "
-            f"{s['amortized_time']:.2f} |"
+            + " | "
+            + " | ".join(
+                "-" if s[f] is None else fmt.format(s[f] / scale)
+                for f, fmt, scale in (
+                    ("generated_tokens", "{:.0f}", 1),
+                    ("flops", "{:.0f}", 1e9),
+                    ("amortized_time", "{:.2f}", 1),
+                )
+            )
+            + " |"
         )
     md = "\n".join(lines)
     (args.out / "report.md").write_text(md + "\n")
@@ -260,7 +269,7 @@ def main() -> None:
         "strategies": [
             {**s, "accuracy_lo": s["lo"], "accuracy_hi": s["hi"]}
             for s in table
-            if not s["strategy"].startswith("pass@")
+            if not s["strategy"].startswith("pass@") and s["amortized_time"] is not None
         ]
     }
     pareto_plot(plot_summary, args.out / "pareto.png", x=("wall_time", "flops"))
