@@ -5,7 +5,7 @@ commits, run back to back, each from a git worktree:
 
     git worktree add /tmp/wt_OLD OLD
     PYTHONPATH=/tmp/wt_OLD/src python benchmarks/decode_check.py OLD
-    python benchmarks/decode_check.py HEAD
+    python benchmarks/decode_check.py HEAD [bfloat16]
 """
 
 import inspect
@@ -20,7 +20,8 @@ from ttscale import LLM, SamplingParams
 def main() -> None:
     torch.set_num_threads(2)
     kw = {"quantize": "none"} if "quantize" in inspect.signature(LLM.__init__).parameters else {}
-    llm = LLM(num_threads=2, **kw)
+    dtype = sys.argv[2] if len(sys.argv) > 2 else "float32"
+    llm = LLM(num_threads=2, dtype=dtype, **kw)
     message = {"role": "user", "content": "Write a story about a robot who paints."}
     ids = llm.tokenizer.encode_chat([message])
     greedy = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
@@ -39,7 +40,7 @@ def main() -> None:
     llm.generate([ids], sixteen, use_tqdm=False)
     n16 = 16 * 64 / (time.perf_counter() - t0)
     label = sys.argv[1] if len(sys.argv) > 1 else "this tree"
-    print(f"{label}: single {best:.1f} tok/s  n16 {n16:.1f} tok/s")
+    print(f"{label} {dtype}: single {best:.1f} tok/s  n16 {n16:.1f} tok/s")
 
 
 if __name__ == "__main__":
