@@ -79,6 +79,19 @@ ARCH_CONFIGS = {
 }
 
 
+# The size of every tiny test model (weights drawn with std 0.3: see make_tiny_model).
+TINY_DIMS = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.3,
+)
+
+
 def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides):
     """Saves a random-weight HF model (safetensors + tokenizer) to `path`; returns the HF model.
 
@@ -90,19 +103,7 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     spec = dict(ARCH_CONFIGS[arch])
     cls = getattr(transformers, spec.pop("cls"))
     model_cls = getattr(transformers, spec.pop("model"))
-    kwargs = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=2,
-        bos_token_id=0,
-        initializer_range=0.3,
-    )
+    kwargs = dict(TINY_DIMS, tie_word_embeddings=True, eos_token_id=2, bos_token_id=0)
     kwargs.update(spec)
     kwargs.update(overrides)
     config = cls(**kwargs)

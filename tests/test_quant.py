@@ -13,6 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from tests.test_gguf_loader import _FP16_OFFSETS as GGUF_FP16_OFFSETS
 from ttscale.errors import ModelLoadError
 from ttscale.loader.checkpoint import GroupQuantized
 from ttscale.loader.gguf import can_keep_quantized, dequantize, load_gguf, quantized_codes
@@ -28,19 +29,9 @@ from ttscale.models.quant import (
 )
 from ttscale.sampling.params import SamplingParams
 
-# Byte offsets of each block's fp16 scales (finite values are written there).
-_FP16_OFFSETS = {
-    Q.Q8_0: (0,),
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q2_K: (80, 82),
-    Q.Q3_K: (108,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-}
+# Byte offsets of each block's fp16 scales (finite values are written there); IQ4_NL has no
+# quantized kernel, so it is left out here.
+_FP16_OFFSETS = {q: o for q, o in GGUF_FP16_OFFSETS.items() if q is not Q.IQ4_NL}
 _INT4_TYPES = {Q.Q4_0, Q.Q4_1, Q.Q4_K}
 
 

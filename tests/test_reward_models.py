@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.conftest import CHAT_TEMPLATE, TINY_VOCAB, make_tiny_model, save_tiny_tokenizer
+from tests.conftest import (
+    CHAT_TEMPLATE,
+    TINY_DIMS,
+    TINY_VOCAB,
+    make_tiny_model,
+    save_tiny_tokenizer,
+)
 from ttscale import LLM, ModelLoadError
 from ttscale.kvcache import CacheConfig
 from ttscale.loader import load_checkpoint
@@ -42,19 +48,7 @@ def run(gen):
 def tiny_config(cls_name: str, **overrides):
     import transformers
 
-    kwargs = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    kwargs = dict(TINY_DIMS, bos_token_id=0, eos_token_id=2, pad_token_id=0)
     kwargs.update(overrides)
     return getattr(transformers, cls_name)(**kwargs)
 
