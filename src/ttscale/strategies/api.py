@@ -72,7 +72,7 @@ def solve(
 ) -> StrategyResult:
     """One question, one strategy. `scorer` is used only by strategies that select by score."""
     if isinstance(scorer, str):
-        scorer = load_scorer(scorer)
+        scorer = load_scorer(scorer, llm.source)  # a probe must match this model
     query = make_query(llm, question, params=params, scorer=scorer, **query_options)
     return solve_many(llm, [query], strategy)[0]
 
