@@ -164,17 +164,11 @@ class LLMEngine:
         if recompute < 1 or not 0 <= start <= self.block_manager.num_tokens(seq_id):
             raise ValueError(f"recompute must be in [1, {parent.num_tokens}], not {recompute}")
         seq_layers = self._check_layers(layers)
-        child = parent.clone(next(self._seq_ids), len(parent.request.sequences), None)
+        (child,) = self.fork(seq_id, 1)  # shares every block, runs at once
         child.hidden_layers, child.hidden_start, child.embed_only = seq_layers, start, True
         child.hidden_parts, child.num_hidden_rows = [], 0
-        child.finish_reason = child.stop_reason = None
-        parent.request.sequences.append(child)
-        self.sequences[child.seq_id] = child
-        self.block_manager.fork(seq_id, [child.seq_id])
         self.block_manager.truncate(child.seq_id, start)
         child.num_computed_tokens = start
-        child.status = SequenceStatus.RUNNING
-        self.scheduler.add_running(child)
         return child
 
     def _check_layers(self, layers: Seq[int]) -> tuple[int, ...]:
@@ -325,10 +319,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """schedule -> execute -> update: advances every scheduled sequence."""
-        if self.proposer is not None:
-            self._propose()
-        batch = self.scheduler.schedule()
-        self._drop_unscheduled_drafts(batch)
+        batch = self.scheduler.schedule() if self.proposer is None else self._schedule_with_drafts()
         if not batch.seqs:
             return []
         try:
@@ -366,11 +357,16 @@ class LLMEngine:
             seq.num_draft_tokens = len(drafts)
             self.stats["draft_tokens"] += len(drafts)
 
-    def _drop_unscheduled_drafts(self, batch: SchedulerOutput) -> None:
+    def _schedule_with_drafts(self) -> SchedulerOutput:
+        """Proposes drafts, schedules, and drops the drafts of sequences the step left out
+        (drafts never outlive the step that verifies them)."""
+        self._propose()
+        batch = self.scheduler.schedule()
         scheduled = {s.seq_id for s in batch.seqs}
-        for seq in self.scheduler.running + list(self.scheduler.waiting):
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.num_draft_tokens and seq.seq_id not in scheduled:
                 seq.drop_drafts()
+        return batch
 
     # ---- update ---------------------------------------------------------------------------
 
@@ -435,7 +431,7 @@ class LLMEngine:
                 owners.append((member, len(rows)))
                 rows.append(self._sampling_row(member))
                 row_logits.append(first)
-        if row_logits != list(range(logits.shape[0])):
+        if len(row_logits) != logits.shape[0]:  # a fork family shares its parent's row
             logits = logits[torch.tensor(row_logits, device=logits.device)]
 
         if rows:

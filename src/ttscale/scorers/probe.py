@@ -69,11 +69,13 @@ class ProbeScorer:
             )
             for i, h in zip(missing, fresh, strict=True):
                 rows[i] = h
-        tokenizer = session.engine.tokenizer
+        starts = [0] * len(branches)
+        if self.probe.features.pooling == "answer":  # only that pooling reads the answer line
+            tokenizer = session.engine.tokenizer
 
-        def decode_one(t: int) -> str:
-            return tokenizer.decode([t])
+            def decode_one(t: int) -> str:
+                return tokenizer.decode([t])
 
-        starts = [answer_start(decode_one, b.token_ids[prompt_len:]) for b in branches]
+            starts = [answer_start(decode_one, b.token_ids[prompt_len:]) for b in branches]
         logits = self.probe.score_hidden([r for r in rows if r is not None], 0, starts)
         return torch.tensor(logits).sigmoid().tolist()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from scipy.stats import beta
 
 from ttscale.strategies.base import Query, SolveGen, Strategy
+from ttscale.tts.hygiene import Verdict
 from ttscale.tts.session import Session
 from ttscale.tts.votes import vote_with_ties
 
@@ -29,7 +30,7 @@ class AdaptiveConsistency(Strategy):
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         branches = []
-        answers: list[str | None] = []
+        verdicts: list[Verdict] = []
         waves = 0
         stop_prob = 0.0
         while len(branches) < self.n_max:
@@ -40,10 +41,11 @@ class AdaptiveConsistency(Strategy):
             new = yield from session.sample(size, params)
             waves += 1
             branches += new
-            answers += [v.answer for v in self.verdicts(query, new)]
-            stop_prob = self.decided(answers)
+            verdicts += self.verdicts(query, new)
+            stop_prob = self.decided([v.answer for v in verdicts])
             if stop_prob >= self.confidence:
                 break
+        answers = [v.answer for v in verdicts]
         winner, votes, tied = vote_with_ties(answers)
         chosen = next((b for b, a in zip(branches, answers, strict=True) if a == winner), None)
         return self.result(
@@ -53,6 +55,7 @@ class AdaptiveConsistency(Strategy):
             session.close(),
             votes,
             scored=False,
+            verdicts=verdicts,
             tied=tied,
             waves=waves,
             samples=len(branches),
