@@ -141,3 +141,12 @@ def assert_pool_full(llm) -> None:
     kv = llm.engine.kv_stats()
     assert kv["num_free_blocks"] == kv["num_blocks"]
     assert not llm.engine.requests and not llm.engine.sequences
+
+
+def tiny_llm(path, **options):
+    """An engine on a tiny model folder with a small pool of 4-token blocks (overridable)."""
+    from ttscale import LLM
+
+    options.setdefault("kv_cache_gb", 0.01)
+    options.setdefault("block_size", 4)
+    return LLM(path, **options)

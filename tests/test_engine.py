@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import assert_pool_full, make_tiny_model
+from tests.conftest import assert_pool_full, make_tiny_model, tiny_llm
 from ttscale import LLM, SamplingParams
 
 GREEDY_LONG = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -22,9 +22,7 @@ def model_dir(tmp_path_factory):
 
 
 def make_llm(model_dir, **options) -> LLM:
-    options.setdefault("kv_cache_gb", 0.01)
-    options.setdefault("block_size", 4)
-    return LLM(model_dir[0], **options)
+    return tiny_llm(model_dir[0], **options)
 
 
 PROMPTS = [
