@@ -144,6 +144,14 @@ def test_bad_hidden_state_requests_are_refused(model_dir):
     with pytest.raises(ValueError, match=r"not finished|holds no KV"):
         llm.engine.fork_embed(request.sequences[0].seq_id, [1])
     llm.engine.abort("x")
+    done = llm.engine.add_request("y", [1, 2, 3], GREEDY, retain=True)
+    while not done.finished:
+        llm.engine.step()
+    total = done.sequences[0].num_tokens
+    for bad in (0, total + 1):
+        with pytest.raises(ValueError, match=rf"recompute must be in \[1, {total}\]"):
+            llm.engine.fork_embed(done.sequences[0].seq_id, [1], recompute=bad)
+    llm.engine.release("y")
     assert_pool_full(llm)
 
 

@@ -160,9 +160,14 @@ class LLMEngine:
             raise ValueError(f"cannot embed sequence {seq_id}: it holds no KV (retain it)")
         if parent.status is not SequenceStatus.FINISHED:
             raise ValueError(f"cannot embed sequence {seq_id}: it has not finished")
+        # At least the last token (never computed); at most the whole sequence.
+        lowest = max(1, parent.num_tokens - self.block_manager.num_tokens(seq_id))
+        if not lowest <= recompute <= parent.num_tokens:
+            raise ValueError(
+                f"recompute must be in [{lowest}, {parent.num_tokens}] for sequence {seq_id}, "
+                f"not {recompute}"
+            )
         start = parent.num_tokens - recompute
-        if recompute < 1 or not 0 <= start <= self.block_manager.num_tokens(seq_id):
-            raise ValueError(f"recompute must be in [1, {parent.num_tokens}], not {recompute}")
         seq_layers = self._check_layers(layers)
         (child,) = self.fork(seq_id, 1)  # shares every block, runs at once
         child.hidden_layers, child.hidden_start, child.embed_only = seq_layers, start, True
