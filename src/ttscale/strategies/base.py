@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ttscale.sampling.params import SamplingParams
 from ttscale.scorers.base import ScoreContext, Scorer, aggregate, path_scores
+from ttscale.tts.events import Scored
 from ttscale.tts.hygiene import Hygiene, Verdict, drop_counts, is_degenerate, judge
 from ttscale.tts.session import Branch, Session, SessionStats, Wait
 
@@ -51,6 +52,7 @@ class Candidate:
     tokens: int
     finish_reason: str | None
     dropped: str | None = None  # why it could not vote: truncated | degenerate | no_answer
+    seq_id: int | None = None  # the engine sequence it was (names it in run events)
 
 
 @dataclass
@@ -121,6 +123,9 @@ class Strategy:
         scores = yield from query.scorer.score(ctx, branches)
         for b, s in zip(branches, scores, strict=True):
             b.scores.append(float(s))
+        if session.observer is not None:
+            for b, s in zip(branches, scores, strict=True):
+                session.observer(Scored(b.seq_id, float(s)))
         return scores
 
     def harvest(
@@ -230,6 +235,7 @@ class Strategy:
                 tokens=b.num_tokens - prompt_len,
                 finish_reason=b.finish_reason,
                 dropped=v.dropped,
+                seq_id=b.seq_id,
             )
             for b, v in zip(pool, verdicts, strict=True)
         ]

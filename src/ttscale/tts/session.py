@@ -22,6 +22,14 @@ from ttscale.cost.usage import RunCost
 from ttscale.engine.llm_engine import LLMEngine
 from ttscale.engine.sequence import Request, Sequence, SequenceStatus
 from ttscale.sampling.params import SamplingParams
+from ttscale.tts.events import (
+    Dropped,
+    Forked,
+    Observer,
+    RequestFinished,
+    RequestStarted,
+    step_event,
+)
 
 
 @dataclass(frozen=True)
@@ -83,12 +91,20 @@ class SessionStats:
 
 class Session:
     """Branches of one problem on a shared engine. Methods that need the engine to run are
-    generators: call them with `yield from`."""
+    generators: call them with `yield from`. An `observer` is told what happens to the
+    branches (`ttscale.tts.events`); without one no event is built."""
 
     _ids = itertools.count()
 
-    def __init__(self, engine: LLMEngine, prompt_token_ids: list[int], tag: str = "p") -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        prompt_token_ids: list[int],
+        tag: str = "p",
+        observer: Observer | None = None,
+    ) -> None:
         self.engine = engine
+        self.observer = observer
         self.prompt_token_ids = list(prompt_token_ids)
         self.tag = f"{tag}-{next(self._ids)}"
         self.stats = SessionStats(prompt_tokens=len(prompt_token_ids))
@@ -117,6 +133,8 @@ class Session:
             hidden_layers=hidden_layers,
         )
         self._requests.append(request)
+        if self.observer is not None:
+            self.observer(RequestStarted(request_id, n, len(self.prompt_token_ids), retain))
         # The n sequences appear when the prompt is prefilled; wait on the parent first.
         yield Wait(tuple(request.sequences))
         while not request.finished:
@@ -129,6 +147,8 @@ class Session:
         if retain:
             self._live.update((s.seq_id, s) for s in request.sequences)
         self._track_kv()
+        if self.observer is not None:
+            self._report_sample(request, branches)
         return branches
 
     def expand(
@@ -143,6 +163,9 @@ class Session:
                 continue
             seqs = self.engine.fork(parent.seq_id, m, params)
             self.stats.forks += m
+            if self.observer is not None:
+                shared = len(self.engine.held_blocks(parent.seq_id))
+                self.observer(Forked(parent.seq_id, [s.seq_id for s in seqs], shared))
             children += [(s, parent) for s in seqs]
         # The children hold references to every parent block: parents can go at once.
         self.drop(parent for parent, _ in parents)
@@ -151,6 +174,9 @@ class Session:
         yield Wait(tuple(s for s, _ in children))
         branches = [self._branch(seq, parent) for seq, parent in children]
         self._track_kv()
+        if self.observer is not None:
+            for b in branches:
+                self.observer(step_event(b))
         return branches
 
     def embed_last(
@@ -191,9 +217,11 @@ class Session:
 
     def drop(self, branches: Iterable[Branch]) -> None:
         """Frees branches that will not be expanded (pruned, or finished and recorded)."""
-        for b in branches:
-            if self._live.pop(b.seq_id, None) is not None:
-                self.engine.drop(b.seq_id)
+        dropped = [b.seq_id for b in branches if self._live.pop(b.seq_id, None) is not None]
+        for seq_id in dropped:
+            self.engine.drop(seq_id)
+        if self.observer is not None and dropped:
+            self.observer(Dropped(dropped))
 
     def close(self) -> SessionStats:
         """Releases everything this problem holds; returns its cost."""
@@ -228,6 +256,21 @@ class Session:
             kv_blocks=self.engine.held_blocks(seq.seq_id),
             hidden=seq.hidden_states,
         )
+
+    def _report_sample(self, request: Request, branches: list[Branch]) -> None:
+        assert self.observer is not None
+        self.observer(
+            RequestFinished(
+                request.request_id,
+                request.num_computed_prompt_tokens,
+                request.num_cached_prompt_tokens,
+                request.peak_kv_blocks,
+            )
+        )
+        # Samples of one request share the prompt's blocks (while they hold any).
+        shared = frozenset.intersection(*(b.kv_blocks for b in branches)) if branches else ()
+        for b in branches:
+            self.observer(step_event(b, siblings_shared=len(shared)))
 
     def _track_kv(self) -> None:
         held: set[int] = set()
