@@ -183,7 +183,7 @@ def test_kv_pool_dtype_is_independent_of_the_weights(model_dir):
     """fp32 weights over a bf16 KV pool: the pool stores bf16, the cost model prices bf16 KV,
     and hidden states stay close to the fp32-KV run (bf16 rounding of K/V only)."""
     fp32 = make_llm(model_dir)
-    bf16_kv = make_llm(model_dir, kv_dtype="bfloat16")
+    bf16_kv = make_llm(model_dir, kv_cache_dtype="bfloat16")
     assert bf16_kv.engine.executor.kv_cache.dtype == torch.bfloat16
     assert next(bf16_kv.engine.model.parameters()).dtype == torch.float32
     a = fp32.hidden_states(PROMPTS, [2])

@@ -151,60 +151,57 @@ class PagedAttention(PagedAttentionBase):
     ) -> torch.Tensor:
         self._store(spec, k, v)
         out = torch.empty_like(q)
-        k_pool, v_pool = self.cache.layer(spec.layer_idx)
         if self.decode:
             layout = self.layouts[spec.sliding_window]
-            out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool, layout, spec)
-        self._prefill(q, out, k_pool, v_pool, spec)
+            out[self.decode_rows] = self._decode(q[self.decode_rows], layout, spec)
+        self._prefill(q, out, spec)
         return out
 
+    # A quantized pool's suffix is read in tiles of this many keys: each tile is gathered,
+    # dequantized and attended, and tiles merge by log-sum-exp, so a step never holds a
+    # full-precision copy of the whole context (only of one tile per row).
+    QUANT_TILE = 512
+
     def _decode(
-        self,
-        q: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
-        layout: _DecodeLayout,
-        spec: AttentionLayerSpec,
+        self, q: torch.Tensor, layout: _DecodeLayout, spec: AttentionLayerSpec
     ) -> torch.Tensor:
         """q: (B, H, D) one token per row -> (B, H, D)."""
         B, H, D = q.shape
-        kvh = k_pool.shape[1]
+        kvh = self.cache.n_kv_heads
         g = H // kvh
         S = layout.suffix_width
+        layer = spec.layer_idx
         # GQA without repeating KV: the g query heads of one KV head act as g query rows.
         qg = q.view(B, kvh, g, D)
-        keys = (
-            self._gather(k_pool, layout.suffix_gather, q.dtype).view(B, S, kvh, D).transpose(1, 2)
-        )
-        values = (
-            self._gather(v_pool, layout.suffix_gather, q.dtype).view(B, S, kvh, D).transpose(1, 2)
-        )
-        # (B, KVH, G, D), (B, KVH, G)
-        out, lse = self._attend(qg, keys, values, layout.suffix_bias, spec)
+        gather = layout.suffix_gather.view(B, S)
+        tile = self.QUANT_TILE if self.cache.quantized else S
+        out = lse = None
+        for t0 in range(0, S, tile):
+            t1 = min(S, t0 + tile)
+            slots = gather[:, t0:t1].flatten() if tile < S else layout.suffix_gather
+            keys = self.cache.keys(layer, slots, q.dtype).view(B, t1 - t0, kvh, D).transpose(1, 2)
+            values = (
+                self.cache.values(layer, slots, q.dtype).view(B, t1 - t0, kvh, D).transpose(1, 2)
+            )
+            bias = layout.suffix_bias
+            if bias is not None and tile < S:
+                bias = bias[..., t0:t1]
+            # (B, KVH, G, D), (B, KVH, G)
+            o, ls = self._attend(qg, keys, values, bias, spec)
+            out, lse = (o, ls) if out is None else merge_partial(out, lse, o, ls)
+        assert out is not None and lse is not None
         for rows, slots in layout.groups:
             # Prefix read once for the group: its R*g queries per KV head in one pass.
             R = rows.shape[0]
             qp = qg[rows].transpose(0, 1).reshape(1, kvh, R * g, D)
-            kp = self._gather(k_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # (1, KVH, P, D)
-            vp = self._gather(v_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            kp = self.cache.keys(layer, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # (1,KVH,P,D)
+            vp = self.cache.values(layer, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             op, lsep = self._attend(qp, kp, vp, None, spec)
             op = op.view(kvh, R, g, D).transpose(0, 1)  # (R, KVH, G, D)
             lsep = lsep.view(kvh, R, g).transpose(0, 1)  # (R, KVH, G)
-            # Merge the two normalized partial softmaxes, weighted by their total mass.
-            ls = lse[rows]
-            total = torch.logaddexp(ls, lsep)
-            weight_s = torch.exp(ls - total)[..., None]
-            weight_p = torch.exp(lsep - total)[..., None]
-            out[rows] = out[rows] * weight_s + op * weight_p
+            # Both sides saw keys (the suffix holds the current token): the plain merge.
+            out[rows], lse[rows] = merge_partial(out[rows], lse[rows], op, lsep, safe=False)
         return out.reshape(B, H, D).to(q.dtype)
-
-    def _gather(self, pool: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(len(slots), KVH, D) rows of `pool` in the compute dtype (`index_select`: several
-        times faster on CPU than advanced indexing). The pool's dtype may differ from the
-        weights' (CacheConfig.kv_dtype): rows are converted after the gather, so only the
-        rows read are."""
-        rows = pool.index_select(0, slots)
-        return rows if rows.dtype == dtype else rows.to(dtype)
 
     # Below this many keys, many tiny (batch, head) problems run faster as batched matmuls
     # than through the flash kernel's per-problem set-up; from about this many, flash wins
@@ -238,23 +235,16 @@ class PagedAttention(PagedAttentionBase):
         out = torch.matmul(p, v.float()) / denom
         return out, (m + denom.log()).squeeze(-1)
 
-    def _prefill(
-        self,
-        q: torch.Tensor,
-        out: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
-        spec: AttentionLayerSpec,
-    ) -> None:
-        enable_gqa = q.shape[1] != k_pool.shape[1]
+    def _prefill(self, q: torch.Tensor, out: torch.Tensor, spec: AttentionLayerSpec) -> None:
+        enable_gqa = q.shape[1] != self.cache.n_kv_heads
         starts = self.meta.query_start
         for i in self.prefill:
             start, q_len, ctx_len = starts[i], self.meta.query_lens[i], self.meta.context_lens[i]
             slots = self.meta.context_slots(i, q.device)
-            keys = (
-                self._gather(k_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
-            )  # (1, KVH, S, D)
-            values = self._gather(v_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            # (1, KVH, S, D); a quantized pool dequantizes this sequence's context once per
+            # chunk (prefill is compute-bound: the copy is small against the chunk's matmuls).
+            keys = self.cache.keys(spec.layer_idx, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            values = self.cache.values(spec.layer_idx, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             qi = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
             if spec.soft_cap is not None:
                 o = self._prefill_soft_capped(qi, keys, values, q_len, ctx_len, spec)
@@ -287,3 +277,29 @@ class PagedAttention(PagedAttentionBase):
         allowed = self._mask(q_len, ctx_len, spec.sliding_window, q.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def merge_partial(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    safe: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges two normalized partial softmax outputs over disjoint keys, weighted by their
+    total mass: out (..., D), lse (...). With `safe`, a side that saw no key (lse = -inf; its
+    output may be NaN) weighs nothing."""
+    if safe:  # a pass over only masked keys returns lse -inf or NaN (matmul path): no mass
+        fa, fb = torch.isfinite(lse_a), torch.isfinite(lse_b)
+        lse_a = torch.where(fa, lse_a, float("-inf"))
+        lse_b = torch.where(fb, lse_b, float("-inf"))
+    total = torch.logaddexp(lse_a, lse_b)
+    wa = torch.exp(lse_a - total)[..., None]
+    wb = torch.exp(lse_b - total)[..., None]
+    if not safe:
+        return out_a * wa + out_b * wb, total
+    wa = torch.where(fa[..., None], wa, 0.0)
+    wb = torch.where(fb[..., None], wb, 0.0)
+    out_a = torch.where(wa > 0, out_a, 0.0)
+    out_b = torch.where(wb > 0, out_b, 0.0)
+    return out_a * wa + out_b * wb, total

@@ -258,7 +258,5 @@ def _fill_random_kv(cache: KVCache, steps: list[SyntheticStep], block_size: int)
     """Random KV in every block the steps touch: untouched pool pages would page-fault (and
     read as zeros) during the timed steps."""
     top = max(b for s in steps for q in s.seqs for b in q.block_table) + 1
-    gen = torch.Generator(device=cache.k.device).manual_seed(0)
-    for pool in (cache.k, cache.v):
-        for layer in pool:
-            layer[: top * block_size].normal_(generator=gen)
+    gen = torch.Generator(device=cache.device).manual_seed(0)
+    cache.fill_random(top * block_size, gen)  # through store(): any pool format

@@ -23,12 +23,13 @@ class CostMeter:
         config: ModelConfig,
         dtype: torch.dtype,
         hardware: Hardware | None = None,
-        kv_dtype: torch.dtype | None = None,
+        kv_bytes: float | None = None,
     ) -> None:
-        """`dtype`: the weights'; `kv_dtype`: the KV pool's (default: the weights')."""
+        """`dtype`: the weights'; `kv_bytes`: bytes per K or V value in the KV pool, scales
+        of a quantized format included (default: the weights' itemsize)."""
         self.shape = ModelShape.from_model_config(config)
         self.bytes_per_value = dtype.itemsize  # weights, streamed once per step
-        self.kv_bytes_per_value = (kv_dtype or dtype).itemsize
+        self.kv_bytes_per_value = kv_bytes or dtype.itemsize
         self.dtype = {torch.float32: "fp32"}.get(dtype, "bf16")
         self.hardware = hardware
         self.total = RunCost()

@@ -24,6 +24,7 @@ from ttscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ttscale.engine.sequence import Request, Sequence, SequenceStatus
 from ttscale.errors import PromptTooLongError, StepError
 from ttscale.kvcache import CacheConfig
+from ttscale.kvcache.quant import kv_bytes_per_value
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
@@ -63,9 +64,10 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
         dtype = next(model.parameters()).dtype
-        self.cost_meter = CostMeter(
-            model.config, dtype, hardware, kv_dtype=cache_config.pool_dtype(dtype)
+        kv_bytes = kv_bytes_per_value(
+            cache_config.kv_cache_dtype, model.config.head_dim, cache_config.pool_dtype(dtype)
         )
+        self.cost_meter = CostMeter(model.config, dtype, hardware, kv_bytes=kv_bytes)
         # A sequence longer than the pool could never run, even alone: cap it.
         pool_tokens = self.executor.num_blocks * cache_config.block_size
         limit = min(max_model_len or model.config.max_position_embeddings, pool_tokens)

@@ -10,7 +10,7 @@ from ttscale.attention.registry import get_backend
 from ttscale.cost.shapes import StepShape
 from ttscale.engine.executor import StepResult
 from ttscale.engine.scheduler import SchedulerOutput
-from ttscale.kvcache import CacheConfig, KVCache, slot_mapping
+from ttscale.kvcache import CacheConfig, make_kv_cache, slot_mapping
 from ttscale.models.llama import HiddenCapture
 
 
@@ -21,7 +21,7 @@ class ModelRunner:
         self.model, self.config, self.device = model, config, device
         mc = model.config
         weights_dtype = next(model.parameters()).dtype
-        self.kv_cache = KVCache.sized(
+        self.kv_cache = make_kv_cache(
             config,
             mc.num_hidden_layers,
             mc.num_key_value_heads,
