@@ -1,39 +1,143 @@
-"""Command line: `ttscale generate | chat | solve | eval | plan | serve | cost | calibrate`."""
+"""Command line: `ttscale generate | chat | solve | eval | compare | plan | serve | cost |
+calibrate`."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import json
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from ttscale.errors import ModelLoadError
+from ttscale.eval.cli import DtypeOpt, check_max_tokens
+from ttscale.eval.cli import QuantizeOpt as QuantizeOpt
 from ttscale.sampling.params import SamplingParams
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
+
+# Commands owned by their subsystems: the module and function that define each, and the line
+# `ttscale --help` shows. They are imported only when run (or asked for their own --help):
+# the cost model and the planner import torch, which would make every `--help` and argument
+# error wait seconds (issue 16). A new subsystem command is one row here.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "solve": (
+        "ttscale.eval.cli",
+        "solve_cmd",
+        "Answer one question with a strategy; show votes and cost.",
+    ),
+    "eval": (
+        "ttscale.eval.cli",
+        "eval_cmd",
+        "Compare strategies on a task: table, JSONL, Pareto plot.",
+    ),
+    "compare": (
+        "ttscale.eval.compare_cli",
+        "compare_cmd",
+        "Compare two eval folders: paired accuracy tests and cost ratios.",
+    ),
+    "plan": (
+        "ttscale.plan.cli",
+        "plan_cmd",
+        "Plan test-time compute per difficulty within a budget.",
+    ),
+    "serve": ("ttscale.server.cli", "serve", "OpenAI-compatible HTTP server."),
+    "cost": (
+        "ttscale.cost.cli",
+        "cost",
+        "Predict a run's cost on some hardware without running it.",
+    ),
+    "calibrate": (
+        "ttscale.calibration.cli",
+        "calibrate_cmd",
+        "Measure this machine's FLOP/s and memory bandwidth.",
+    ),
+    "train-verifier": (
+        "ttscale.verifier.cli",
+        "train_verifier",
+        "Train a probe verifier on the policy's hidden states (samples, labels, fit).",
+    ),
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The main group: `generate` and `chat` are defined here, the SUBCOMMANDS are imported
+    on first use. While the group prints its own help, a subcommand is a stand-in with its
+    name and help line only."""
+
+    _listing = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *SUBCOMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in SUBCOMMANDS:
+            return super().get_command(ctx, cmd_name)
+        if self._listing or ctx.resilient_parsing:
+            help_line = SUBCOMMANDS[cmd_name][2]
+            return click.Command(cmd_name, help=help_line, short_help=help_line)
+        return _subcommand(cmd_name)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+@functools.cache
+def _subcommand(name: str) -> click.Command:
+    module, function, help_line = SUBCOMMANDS[name]
+    command = getattr(importlib.import_module(module), function)
+    single = typer.Typer(add_completion=False)
+    single.command(name, help=help_line)(_needs_extras(name, command))
+    return typer.main.get_command(single)
+
+
+app = typer.Typer(cls=_LazyGroup, add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"ttscale {version('ttscale')}")
+        except PackageNotFoundError:  # run from a source tree without an install
+            from ttscale import __version__
+
+            print(f"ttscale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Test-time scaling of language models."""
+
 
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", "-m", help="HF folder or .gguf file (default: embedded SmolLM2)"),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
-QuantizeOpt = Annotated[
-    str,
-    typer.Option(
-        help="what the matmuls compute with: auto (a GGUF's own quantization), none, native, "
-        "int8, int4"
-    ),
-]
 
 
-def _load(model: str | None, threads: int | None, **options):
+def _load(model: str | None, threads: int | None, **options: Any) -> Any:
     from ttscale.llm import LLM
 
     try:
@@ -69,6 +173,7 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     threads: ThreadsOpt = None,
     quantize: QuantizeOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Generate an answer (n samples share the prompt's KV cache)."""
     params = _params(
@@ -81,7 +186,8 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    llm = _load(model, threads, quantize=quantize)
+    llm = _load(model, threads, quantize=quantize, dtype=dtype)
+    check_max_tokens(llm, max_tokens)
     try:
         if raw or not llm.tokenizer.has_chat_template:
             out = llm.generate(prompt, params)[0]
@@ -111,12 +217,71 @@ def generate(
         if n > 1:
             err.print(f"[bold]--- sample {o.index} ({o.finish_reason})[/bold]")
         print(o.text)
+        if o.finish_reason == "length":
+            err.print(f"[yellow][cut off at --max-tokens {max_tokens}][/yellow]")
     u = out.usage
     err.print(
         f"[dim]prompt {u.prompt_tokens} tok (cached {u.cached_prompt_tokens}, computed "
         f"{u.computed_prompt_tokens}), generated {u.generated_tokens} tok, "
         f"peak KV {u.peak_kv_blocks} blocks[/dim]"
     )
+
+
+CHAT_HELP = """commands:
+  /help           this list
+  /reset          forget the conversation (keeps the system prompt)
+  /system TEXT    set the system prompt and start over (/system alone: remove it)
+  /save FILE      write the conversation as JSON
+  /exit, /quit    leave (or Ctrl-D)
+Ctrl-C while the model answers stops the answer; at the prompt it leaves."""
+
+
+class _StopOnInterrupt:
+    """Ctrl-C while a reply streams sets a flag instead of raising inside an engine step,
+    so the reply ends between steps, its request is aborted cleanly and the chat goes on."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def __enter__(self) -> _StopOnInterrupt:
+        self._previous = signal.signal(signal.SIGINT, self._stop)
+        return self
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopped = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _chat_command(line: str, history: list[dict[str, str]]) -> bool:
+    """Runs a /command on the history; False when the chat should end."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        err.print(escape(CHAT_HELP))
+    elif name == "/reset":
+        del history[1 if history and history[0]["role"] == "system" else 0 :]
+        err.print("[dim]conversation cleared[/dim]")
+    elif name == "/system":
+        history.clear()
+        if arg:
+            history.append({"role": "system", "content": arg})
+        err.print(f"[dim]system prompt {'set' if arg else 'removed'}; conversation cleared[/dim]")
+    elif name == "/save":
+        if not arg:
+            err.print("[red]usage: /save FILE[/red]")
+        else:
+            try:
+                Path(arg).write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+                err.print(f"[dim]saved {len(history)} messages to {escape(arg)}[/dim]")
+            except OSError as e:
+                err.print(f"[red]cannot save: {escape(str(e))}[/red]")
+    else:
+        err.print(f"[red]unknown command {escape(name)}[/red] (/help lists them)")
+    return True
 
 
 @app.command()
@@ -129,36 +294,51 @@ def chat(
     seed: int | None = None,
     threads: ThreadsOpt = None,
     quantize: QuantizeOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
-    """Interactive chat with streaming output. Ctrl-D or /exit to quit."""
+    """Interactive streaming chat: /help for commands, Ctrl-C stops a reply, Ctrl-D quits."""
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    llm = _load(model, threads, quantize=quantize)
+    llm = _load(model, threads, quantize=quantize, dtype=dtype)
+    check_max_tokens(llm, max_tokens)
     history = [{"role": "system", "content": system}] if system else []
+    err.print("[dim]/help for commands[/dim]")
     while True:
         try:
             line = input("you> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if line.strip() in {"/exit", "/quit"}:
-            return
         if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _chat_command(line, history):
+                return
             continue
         history.append({"role": "user", "content": line})
         text = llm.tokenizer.apply_chat_template(history)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) >= llm.engine.max_model_len:
-            err.print("[red]conversation exceeds the context; start a new chat[/red]")
+            err.print("[red]conversation exceeds the context; /reset to start over[/red]")
             history.pop()
             continue
-        reply = ""
+        reply, finish = "", None
         sys.stdout.write("assistant> ")
-        for out in llm.stream(ids, params, text):
-            delta = out.outputs[0].text_delta
-            reply += delta
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+        with _StopOnInterrupt() as interrupt:
+            replies = llm.stream(ids, params, text)
+            for out in replies:
+                delta = out.outputs[0].text_delta
+                reply += delta
+                finish = out.outputs[0].finish_reason
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+                if interrupt.stopped:
+                    replies.close()  # aborts the request: its KV blocks are freed
+                    break
         print()
+        if interrupt.stopped:
+            err.print("[yellow][stopped][/yellow]")
+        elif finish == "length":
+            err.print(f"[yellow][cut off at --max-tokens {max_tokens}][/yellow]")
         history.append({"role": "assistant", "content": reply})
 
 
@@ -179,6 +359,7 @@ EXTRA_OF = {
 NEEDS = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "eval": ("matplotlib",),
+    "compare": ("matplotlib",),
     "train-verifier": ("reasoning_gym",),
 }
 
@@ -211,34 +392,6 @@ def _needs_extras(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
             _missing(name, root)
 
     return run
-
-
-def _register_subsystem_commands() -> None:
-    """Commands owned by their subsystems, registered here so `ttscale --help` lists them."""
-    from ttscale.calibration.cli import calibrate_cmd
-    from ttscale.cost.cli import cost
-    from ttscale.eval.cli import eval_cmd, solve_cmd
-    from ttscale.plan.cli import plan_cmd
-    from ttscale.server.cli import serve
-    from ttscale.verifier.cli import train_verifier
-
-    commands = {
-        "cost": (cost, "Predict a run's cost on some hardware without running it."),
-        "calibrate": (calibrate_cmd, "Measure this machine's FLOP/s and memory bandwidth."),
-        "serve": (serve, "OpenAI-compatible HTTP server."),
-        "eval": (eval_cmd, "Compare strategies on a task: table, JSONL, Pareto plot."),
-        "solve": (solve_cmd, "Answer one question with a strategy; show votes and cost."),
-        "plan": (plan_cmd, "Plan test-time compute per difficulty within a budget."),
-        "train-verifier": (
-            train_verifier,
-            "Train a probe verifier on the policy's hidden states (samples, labels, fit).",
-        ),
-    }
-    for name, (command, help_text) in commands.items():
-        app.command(name, help=help_text)(_needs_extras(name, command))
-
-
-_register_subsystem_commands()
 
 
 def main() -> None:

@@ -5,8 +5,13 @@ question, one strategy). Plain functions so the main app can register them:
 from __future__ import annotations
 
 import json
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,13 +32,21 @@ ScorerOpt = Annotated[
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch")]
 KvOpt = Annotated[float | None, typer.Option(help="KV cache size in GB (default: automatic)")]
+# The choices are written out (not imported) so that `--help` and a bad value answer without
+# importing torch; the LLM checks them again (models/quant.py QUANTIZE_OPTIONS, llm._DTYPES).
 QuantizeOpt = Annotated[
-    str,
-    typer.Option(
-        help="what the matmuls compute with: auto (a GGUF's own quantization), none, native, "
-        "int8, int4"
-    ),
+    Literal["auto", "none", "native", "int8", "int4"],
+    typer.Option(help="what the matmuls compute with (auto: a GGUF's own quantization)"),
 ]
+DtypeOpt = Annotated[
+    Literal["float32", "bfloat16", "float16"],
+    typer.Option(help="weights and activations outside the quantized matmuls"),
+]
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="every table column (the default fits 100 columns)")
+]
+# Scorer names that need no file; probe:PATH and rm:PATH need theirs (scorers.SCORER_SPECS).
+SCORER_NAMES = ("logprob", "judge", "probe")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout (the rest: stderr)")]
 HygieneOpt = Annotated[
     bool,
@@ -51,15 +64,67 @@ def _fail(message: object) -> NoReturn:
     raise typer.Exit(2)
 
 
+def check_scorer(spec: str) -> None:
+    """Refuses a scorer that cannot exist, before anything loads: an unknown name, or a
+    probe / reward-model path that is not there."""
+    kind, sep, path = spec.partition(":")
+    if not sep and kind in SCORER_NAMES:
+        return
+    if sep and kind in ("probe", "rm") and path:
+        if not Path(path).expanduser().exists():
+            _fail(f"--scorer {spec}: {path} does not exist")
+        return
+    _fail(f"unknown scorer {spec!r}: use logprob, judge, probe, probe:PATH or rm:PATH")
+
+
+def check_max_tokens(llm: Any, max_tokens: int) -> None:
+    """Refuses --max-tokens the context cannot hold (checked once the model's context is
+    known, before any generation)."""
+    limit = llm.engine.max_model_len
+    if max_tokens >= limit:
+        _fail(
+            f"--max-tokens {max_tokens} does not fit the context of {limit} tokens (prompt "
+            f"included); use at most {limit - 1}, less the prompt"
+        )
+
+
+def model_source(model: str | None) -> str:
+    """What `LLM(model).source` will be, found without loading the weights (it imports the
+    loader, not the model): lets a settings mismatch be refused before the load."""
+    from ttscale.errors import ModelLoadError
+    from ttscale.loader import resolve_model_path
+    from ttscale.loader.default_model import default_model_path
+
+    try:
+        return str(default_model_path() if model is None else resolve_model_path(model))
+    except (ModelLoadError, FileNotFoundError) as e:
+        _fail(e)
+
+
+def numerics(dtype: str, quantize: str) -> dict[str, str]:
+    """The non-default numeric settings: part of an eval's settings (default runs keep the
+    settings they had before these options existed)."""
+    out = {}
+    if dtype != "float32":
+        out["dtype"] = dtype
+    if quantize != "auto":
+        out["quantize"] = quantize
+    return out
+
+
 def _load_llm(
-    model: str | None, threads: int | None, kv_cache_gb: float | None, quantize: str = "auto"
+    model: str | None,
+    threads: int | None,
+    kv_cache_gb: float | None,
+    quantize: str = "auto",
+    dtype: str = "float32",
 ) -> Any:
     from ttscale.errors import ModelLoadError
     from ttscale.llm import LLM
 
     options = {} if kv_cache_gb is None else {"kv_cache_gb": kv_cache_gb}
     try:
-        llm = LLM(model, num_threads=threads, quantize=quantize, **options)
+        llm = LLM(model, num_threads=threads, quantize=quantize, dtype=dtype, **options)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         _fail(e)
     err.print(f"[dim]loaded {escape(str(llm.source))} in {llm.load_seconds:.1f} s[/dim]")
@@ -89,6 +154,12 @@ def _strategies(spec: str) -> list[str]:
     return specs
 
 
+def _resume_command() -> str:
+    """The command line that resumes this run: the same arguments, without --no-resume."""
+    args = [a for a in sys.argv[1:] if a != "--no-resume"]
+    return " ".join(shlex.quote(a) for a in ["ttscale", *args])
+
+
 def eval_cmd(
     task: Annotated[
         str, typer.Option(help="reasoning-gym dataset, 'arithmetic', or a .jsonl file")
@@ -109,49 +180,106 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     kv_cache_gb: KvOpt = None,
     quantize: QuantizeOpt = "auto",
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
     no_resume: Annotated[
         bool, typer.Option("--no-resume", help="delete earlier results in --out and start over")
     ] = False,
     hygiene: HygieneOpt = True,
 ) -> None:
     """Evaluate strategies on the same problems: records, summary and a Pareto plot in --out.
-    Rerunning resumes (finished problems are skipped)."""
+    Rerunning resumes (finished problems are skipped; a finished run loads no model)."""
     from ttscale.eval.harness import run_eval
-    from ttscale.eval.report import pareto_plot, print_summary
+    from ttscale.eval.store import (
+        RECORDS_FILE,
+        SettingsMismatch,
+        check_out_dir,
+        load_records,
+        run_settings,
+    )
+    from ttscale.eval.summary import summarize_records
     from ttscale.tasks import load_task
     from ttscale.tts.hygiene import Hygiene
 
-    specs = _strategies(strategies)
+    # Everything that needs no model is checked first: a typo should not cost a model load.
+    specs = list(dict.fromkeys(_strategies(strategies)))
+    check_scorer(scorer)
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    try:  # before the model: a typo should not cost a model load
+    try:
         the_task = load_task(task, difficulty)
+        problems = the_task.problems(n_problems, seed)
     except ValueError as e:
         _fail(e)
-    llm = _load_llm(model, threads, kv_cache_gb, quantize)
-    try:
-        summary = run_eval(
-            llm,
-            the_task,
-            specs,
-            n_problems,
-            out,
-            seed=seed,
-            params=params,
-            scorer_spec=scorer,
-            concurrency=concurrency,
-            resume=not no_resume,
-            progress=True,
-            hygiene=Hygiene(enabled=hygiene),
+    if not problems:
+        _fail(f"task {task!r} gave no problems")
+    if len(problems) < n_problems:
+        err.print(
+            f"[yellow]note:[/yellow] {escape(task)} has {len(problems)} problems, not "
+            f"{n_problems}: running {len(problems)}",
+            soft_wrap=True,
         )
-    except ValueError as e:  # settings mismatch, bad scorer, prompt too long
-        _fail(e)
+    engine_numerics = numerics(dtype, quantize)
+    the_hygiene = Hygiene(enabled=hygiene)
+    settings = run_settings(
+        model_source(model), the_task, params, seed, scorer, None, the_hygiene, engine_numerics
+    )
+    summary = None
+    if not no_resume:
+        try:
+            if check_out_dir(out, settings):
+                ids = [p.id for p in problems]
+                records = [r for r in load_records(out / RECORDS_FILE) if r["strategy"] in specs]
+                done = {(r["strategy"], r["problem_id"]) for r in records}
+                if all((s, i) in done for s in specs for i in ids):
+                    err.print(f"[dim]{escape(str(out))} has every result: nothing to run[/dim]")
+                    rows = summarize_records(records, ids, specs)
+                    summary = {"settings": settings, "n_problems": len(ids), "strategies": rows}
+        except ValueError as e:  # SettingsMismatch, a corrupt records file
+            _fail(e)
+    if summary is None:
+        llm = _load_llm(model, threads, kv_cache_gb, quantize, dtype)
+        check_max_tokens(llm, max_tokens)
+        try:
+            summary = run_eval(
+                llm,
+                the_task,
+                specs,
+                n_problems,
+                out,
+                seed=seed,
+                params=params,
+                scorer_spec=scorer,
+                concurrency=concurrency,
+                resume=not no_resume,
+                progress=True,
+                hygiene=the_hygiene,
+                numerics=engine_numerics,
+            )
+        except (ValueError, SettingsMismatch) as e:  # bad scorer, prompt too long
+            _fail(e)
+        except KeyboardInterrupt:
+            saved = len(load_records(out / RECORDS_FILE))
+            total = len(specs) * len(problems)
+            err.print(
+                f"\ninterrupted: {escape(str(out / RECORDS_FILE))} holds {saved} results "
+                f"(this run asked for {total}; a problem batch cut midway is not saved). "
+                f"Resume with:\n  {escape(_resume_command())}",
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
+    _eval_report(summary, out, json_out, wide)
+
+
+def _eval_report(summary: dict[str, Any], out: Path, json_out: bool, wide: bool) -> None:
+    from ttscale.eval.report import pareto_plot, print_summary
+
     plot = pareto_plot(summary, out / "pareto.png")
     if json_out:
-        print_summary(summary, err if err.is_terminal else Console(stderr=True, width=200))
+        print_summary(summary, err if err.is_terminal else Console(stderr=True, width=200), wide)
         print(json.dumps(summary))
     else:
-        print_summary(summary)
+        print_summary(summary, wide=wide)
     err.print(
         f"[dim]results in {escape(str(out))} (plot: {escape(str(plot))})[/dim]", soft_wrap=True
     )
@@ -180,6 +308,62 @@ def _result_json(result: Any) -> dict[str, Any]:
     }
 
 
+class _SteppingEngine:
+    """The engine as `drive` sees it, reporting each step to a callback: `drive` needs only
+    `step` and `has_unfinished`, and the progress display must not step the engine itself."""
+
+    def __init__(self, engine: Any, on_step: Any) -> None:
+        self._engine, self._on_step = engine, on_step
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self._engine.has_unfinished
+
+    def step(self) -> Any:
+        outputs = self._engine.step()
+        self._on_step()
+        return outputs
+
+
+@contextmanager
+def _solve_progress(engine: Any, strategy: str, enabled: bool) -> Iterator[Any]:
+    """A live status line on stderr while a strategy runs (engine steps, KV blocks in use,
+    elapsed time); yields the engine `drive` should step. Off when stderr is not a terminal."""
+    if not enabled:
+        yield engine
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task_id = bar.add_task(strategy)
+        steps = 0
+        t0 = time.perf_counter()
+
+        def on_step() -> None:
+            nonlocal steps
+            steps += 1
+            kv = engine.kv_stats()
+            bar.update(
+                task_id,
+                description=f"{strategy}: {steps} steps ({steps / (time.perf_counter() - t0):.0f}"
+                f"/s), KV {kv['num_used_blocks']}/{kv['num_blocks']} blocks",
+            )
+
+        yield _SteppingEngine(engine, on_step)
+
+
+def _solve_one(engine: Any, llm: Any, query: Any, strategy: str) -> Any:
+    """`solve_many` for one query, on `engine` (the progress wrapper or the engine)."""
+    from ttscale.strategies import make_strategy
+    from ttscale.tts.session import Session, drive
+
+    strat = make_strategy(strategy)
+    if strat.needs_scorer and query.scorer is None:
+        raise ValueError(f"{strategy} selects by score: pass a scorer")
+    return drive(engine, [strat.solve(Session(llm.engine, query.prompt_token_ids), query)])[0]
+
+
 def _model_bound(scorer: str) -> bool:
     """A scorer that must match the model (a probe reads its hidden states)."""
     return scorer == "probe" or scorer.startswith("probe:")
@@ -197,19 +381,21 @@ def solve_cmd(
     threads: ThreadsOpt = None,
     kv_cache_gb: KvOpt = None,
     quantize: QuantizeOpt = "auto",
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
     hygiene: HygieneOpt = True,
 ) -> None:
     """Solve one question with a strategy: the answer on stdout; votes and cost on stderr."""
     from ttscale.scorers import load_scorer
     from ttscale.strategies import make_strategy
-    from ttscale.strategies.api import make_query, solve_many
+    from ttscale.strategies.api import make_query
     from ttscale.tts.hygiene import Hygiene
 
     specs = _strategies(strategy)
     if len(specs) != 1:
         _fail("solve takes one strategy")
     strategy = specs[0]
+    check_scorer(scorer)
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
         needs_scorer = make_strategy(strategy).needs_scorer
@@ -218,14 +404,16 @@ def solve_cmd(
         the_scorer = load_scorer(scorer) if needs_scorer and not _model_bound(scorer) else None
     except ValueError as e:
         _fail(e)
-    llm = _load_llm(model, threads, kv_cache_gb, quantize)
+    llm = _load_llm(model, threads, kv_cache_gb, quantize, dtype)
+    check_max_tokens(llm, max_tokens)
     try:
         if needs_scorer and the_scorer is None:
             the_scorer = load_scorer(scorer, llm.source)
         query = make_query(
             llm, question, params=params, scorer=the_scorer, hygiene=Hygiene(enabled=hygiene)
         )
-        result = solve_many(llm, [query], strategy)[0]
+        with _solve_progress(llm.engine, strategy, enabled=err.is_terminal) as engine:
+            result = _solve_one(engine, llm, query, strategy)
     except ValueError as e:
         _fail(e)
 

@@ -80,11 +80,14 @@ def run_eval(
     progress: bool = True,
     search: SearchConfig | None = None,
     hygiene: Hygiene | None = None,
+    numerics: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Runs every strategy on the same ``n_problems`` problems and returns the summary (also
-    written to ``out_dir``). Problems run ``concurrency`` at a time on the engine; records are
-    flushed after each chunk. Raises ValueError for a bad strategy spec and SettingsMismatch
-    when ``out_dir`` holds results of other settings (unless ``resume=False``)."""
+    """Runs every strategy on the same ``n_problems`` problems and returns the summary of
+    those strategies (``summary.json`` in ``out_dir`` covers every strategy the folder holds).
+    Problems run ``concurrency`` at a time on the engine; records are flushed after each
+    chunk. Raises ValueError for a bad strategy spec and SettingsMismatch when ``out_dir``
+    holds results of other settings (unless ``resume=False``). ``numerics``: the LLM's
+    non-default dtype / quantize, part of the settings."""
     out_dir = Path(out_dir)
     specs = list(dict.fromkeys(s.strip() for s in strategies if s.strip()))
     if not specs:
@@ -103,12 +106,13 @@ def run_eval(
     elif not scorer_spec.startswith("rm:"):  # it is in the settings: a typo must not be
         load_scorer(scorer_spec, llm.source)  # cheap but a reward model, which is not loaded
 
-    settings = run_settings(llm, task, params, seed, scorer_spec, search, hygiene)
+    settings = run_settings(llm.source, task, params, seed, scorer_spec, search, hygiene, numerics)
     prepare_out_dir(out_dir, settings, resume)
     records_path = out_dir / RECORDS_FILE
     records = load_records(records_path)
     done = {(r["strategy"], r["problem_id"]) for r in records}
     todo = {s: [p for p in problems if (s, p.id) not in done] for s in specs}
+    session = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     with (
         _progress(sum(map(len, todo.values())), progress) as advance,
@@ -137,7 +141,7 @@ def run_eval(
                 results = solve_many(llm, queries, spec, concurrency=len(chunk))
                 amortized = (time.perf_counter() - t0) / len(chunk)
                 new = [
-                    make_record(task, p, r, amortized, len(chunk))
+                    make_record(task, p, r, amortized, len(chunk), session)
                     for p, r in zip(chunk, results, strict=True)
                 ]
                 # One write per chunk: a kill leaves at most one partial line, at the end.
@@ -146,13 +150,11 @@ def run_eval(
                 records += new
                 advance(spec, len(chunk))
 
-    summary = {
-        "settings": settings,
-        "n_problems": len(problems),
-        "strategies": summarize_records(records, [p.id for p in problems], specs),
-    }
-    write_summary(out_dir, summary)
-    return summary
+    ids = [p.id for p in problems]
+    folder = {"settings": settings, "n_problems": len(problems)}
+    write_summary(out_dir, {**folder, "strategies": summarize_records(records, ids, specs)})
+    asked = [r for r in records if r["strategy"] in built]
+    return {**folder, "strategies": summarize_records(asked, ids, specs)}
 
 
 __all__ = ["run_eval"]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -70,13 +71,17 @@ def _num(fmt: str) -> Callable[[Any], str]:
     return lambda v: "-" if v is None else format(v, fmt)
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
-    """(header, cell) pairs; cost-model columns only when some strategy has them."""
+def _columns(
+    rows: Sequence[dict[str, Any]], wide: bool = True
+) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+    """(header, cell) pairs; cost-model columns only when some strategy has them. Not
+    ``wide``: the columns that fit 100 terminal columns (coverage, peak KV, total time and
+    roofline time left out)."""
 
-    def acc(r: dict[str, Any]) -> str:
+    def ci(r: dict[str, Any]) -> str:
         if r.get("accuracy") is None:
             return "-"
-        return f"{_pct(r['accuracy'])} [{_pct(r['accuracy_lo'])}, {_pct(r['accuracy_hi'])}]"
+        return f"{_pct(r['accuracy_lo'])}-{_pct(r['accuracy_hi'])}"
 
     def at_k(name: str) -> Callable[[dict[str, Any]], str]:
         def cell(r: dict[str, Any]) -> str:
@@ -87,49 +92,83 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
 
     def prompt(r: dict[str, Any]) -> str:
         computed, cached = r.get("mean_computed_prompt_tokens"), r.get("mean_cached_prompt_tokens")
-        return "-" if computed is None else f"{computed:.0f} / {cached or 0:.0f}"
+        return "-" if computed is None else f"{computed:.0f}/{cached or 0:.0f}"
 
     columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("strategy", lambda r: str(r["strategy"])),
         ("n", lambda r: str(r["n"])),
-        ("acc% [95% CI]", acc),
-        ("cover%", lambda r: _pct(r.get("coverage"))),
-        ("pass@N%", at_k("pass_at_k")),
-        ("maj@N%", at_k("maj_at_k")),
-        ("tok/pb", lambda r: _num(".1f")(r.get("mean_tokens"))),
-        ("prompt comp/cached", prompt),
-        ("peak KV", lambda r: _num(".1f")(r.get("mean_peak_kv_blocks"))),
-        ("s/pb", lambda r: _num(".3f")(r.get("mean_wall_time"))),
-        ("total s", lambda r: _num(".1f")(r.get("total_wall_time"))),
+        ("acc%", lambda r: _pct(r.get("accuracy"))),
+        ("95% CI", ci),
     ]
-    for key, header in (("mean_flops", "FLOPs/pb"), ("mean_bytes", "bytes/pb")):
+    if wide:
+        columns.append(("cover%", lambda r: _pct(r.get("coverage"))))
+    columns += [
+        ("pass@N", at_k("pass_at_k")),
+        ("maj@N", at_k("maj_at_k")),
+        ("tok/pb", lambda r: _num(".0f")(r.get("mean_tokens"))),
+        ("prompt", prompt),
+    ]
+    if wide:
+        columns.append(("peak KV", lambda r: _num(".1f")(r.get("mean_peak_kv_blocks"))))
+    columns.append(("s/pb", lambda r: _num(".2f")(r.get("mean_wall_time"))))
+    if wide:
+        columns.append(("total s", lambda r: _num(".1f")(r.get("total_wall_time"))))
+    for key, header in (("mean_flops", "FLOP/pb"), ("mean_bytes", "B/pb")):
         if any(r.get(key) is not None for r in rows):
             columns.append((header, lambda r, key=key: "-" if r.get(key) is None else _si(r[key])))
-    if any(r.get("mean_roofline_time") is not None for r in rows):
+    if wide and any(r.get("mean_roofline_time") is not None for r in rows):
         columns.append(("roofline s/pb", lambda r: _num(".4f")(r.get("mean_roofline_time"))))
     return columns
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+LEGEND = (
+    "pb: per problem (times amortized over concurrent problems); prompt: tokens computed/"
+    "cached; pass@N, maj@N at the largest N every problem allows"
+)
+
+
+def summary_notes(summary: dict[str, Any]) -> list[str]:
+    """What a reader of the table must know: strategies whose times come from several runs
+    (a resumed folder), measured under different machine load."""
+    mixed = [r["strategy"] for r in summary["strategies"] if r.get("timing_sessions", 1) > 1]
+    if not mixed:
+        return []
+    return [
+        f"times of {', '.join(mixed)} were measured in several runs (resumed) under possibly "
+        "different load: compare them with care, or rerun with --no-resume"
+    ]
+
+
+def summary_table(summary: dict[str, Any], wide: bool = False) -> Table:
     rows = summary["strategies"]
     n = summary.get("n_problems")
-    table = Table(title=f"{n} problems" if n is not None else None)
-    columns = _columns(rows)
+    table = Table(
+        title=f"{n} problems" if n is not None else None,
+        caption=LEGEND,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    columns = _columns(rows, wide)
     for i, (header, _) in enumerate(columns):
-        table.add_column(header, justify="left" if i == 0 else "right")
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
         table.add_row(*(cell(r) for _, cell in columns))
     return table
 
 
-def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_summary(
+    summary: dict[str, Any], console: Console | None = None, wide: bool = False
+) -> None:
     """The summary as a rich table (pass@N / maj@N at the largest k every problem allows;
-    "pb" = per problem, times amortized over concurrent problems)."""
+    "pb" = per problem, times amortized over concurrent problems); ``wide`` adds coverage,
+    peak KV, total and roofline time (the default fits 100 columns)."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped / captured: no width to respect, don't squeeze
             console = Console(width=200)
-    console.print(summary_table(summary))
+    console.print(summary_table(summary, wide))
+    for note in summary_notes(summary):
+        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True, highlight=False)
 
 
 def markdown_summary(summary: dict[str, Any]) -> str:
@@ -142,6 +181,7 @@ def markdown_summary(summary: dict[str, Any]) -> str:
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
     ]
     lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    lines += ["", LEGEND + ".", *(f"Note: {n}." for n in summary_notes(summary))]
     ks = [r for r in rows if r.get("pass_at_k")]
     if ks:
         lines += ["", "## pass@k / maj@k (%)", ""]
@@ -157,6 +197,36 @@ def markdown_summary(summary: dict[str, Any]) -> str:
 # ---- plot -------------------------------------------------------------------------------------
 
 
+def plot_title(summary: dict[str, Any]) -> str:
+    """Task, model, problems and max tokens, from the summary's settings (what a plot shown
+    away from its folder must say)."""
+    settings = summary.get("settings") or {}
+    parts = []
+    task = (settings.get("task") or {}).get("name")
+    if task:
+        parts.append(str(task))
+    if settings.get("model"):
+        parts.append(Path(str(settings["model"])).name)
+    if summary.get("n_problems") is not None:
+        parts.append(f"{summary['n_problems']} problems")
+    max_tokens = (settings.get("params") or {}).get("max_tokens")
+    if max_tokens is not None:
+        parts.append(f"max {max_tokens} tokens")
+    return ", ".join(parts)
+
+
+def ceiling(rows: Sequence[dict[str, Any]]) -> tuple[float, str] | None:
+    """The best pass@N (a problem counts if any candidate is right): what a perfect selector
+    over the largest strategy's candidates would score. (value, label) or None."""
+    best: tuple[float, str] | None = None
+    for r in rows:
+        if r.get("coverage") is None or r.get("k_max", 1) < 2:
+            continue
+        if best is None or r["coverage"] > best[0]:
+            best = (float(r["coverage"]), f"pass@{r['k_max']} ceiling ({r['strategy']})")
+    return best
+
+
 def pareto_plot(
     summary: dict[str, Any],
     path: str | Path,
@@ -164,8 +234,10 @@ def pareto_plot(
     y: str = "accuracy",
 ) -> Path:
     """A PNG with one panel per cost axis in ``x``: ``y`` against the cost, a labeled point per
-    strategy (with its 95% interval for accuracy), and the Pareto frontier as a step line.
-    Strategies without the field are left out of that panel."""
+    strategy (with its 95% interval for accuracy), and the Pareto frontier as a step line;
+    for accuracy also the pass@N ceiling and, when every point is 0%, a note saying so. Titled
+    with the task, model, problems and max tokens. Strategies without the field are left out
+    of that panel."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers / in tests
@@ -210,11 +282,27 @@ def pareto_plot(
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50...
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
+        top = ceiling(pts) if y == "accuracy" else None
+        if top is not None:
+            ax.axhline(top[0], color="tab:green", linestyle="--", alpha=0.7, label=top[1])
+            ax.legend(loc="best")
+        if y == "accuracy" and pts and not any(scores):
+            ax.text(
+                0.5,
+                0.5,
+                "every strategy scored 0%",
+                transform=ax.transAxes,
+                ha="center",
+                color="tab:gray",
+            )
         if y == "accuracy":
             ax.set_ylim(-0.08, 1.05)  # room for labels under 0%
         ax.set_xlabel(AXIS_LABELS.get(key, key))
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
+    title = plot_title(summary)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,10 +312,14 @@ def pareto_plot(
 
 
 __all__ = [
+    "LEGEND",
     "axis_key",
+    "ceiling",
     "markdown_summary",
     "pareto_frontier",
     "pareto_plot",
+    "plot_title",
     "print_summary",
+    "summary_notes",
     "summary_table",
 ]

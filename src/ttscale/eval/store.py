@@ -26,7 +26,6 @@ from ttscale.sampling.params import SamplingParams
 from ttscale.tts.hygiene import Hygiene
 
 if TYPE_CHECKING:
-    from ttscale.llm import LLM
     from ttscale.strategies.base import SearchConfig, StrategyResult
     from ttscale.tasks import Problem, Task
 
@@ -80,19 +79,22 @@ def task_identity(task: Task) -> dict[str, Any]:
 
 
 def run_settings(
-    llm: LLM,
+    model_source: str,
     task: Task,
     params: SamplingParams,
     seed: int,
     scorer_spec: str,
     search: SearchConfig | None = None,
     hygiene: Hygiene | None = None,
+    numerics: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The settings records depend on. Not included: n_problems (a run can be extended),
-    the strategies (added one by one), concurrency (per-request seeds make samples independent
-    of the batch) and engine memory options."""
+    """The settings records depend on. `model_source` is `LLM.source` (the CLI resolves it
+    before loading, so a mismatch costs no load); `numerics` the LLM's non-default `dtype` /
+    `quantize` (default runs keep their settings). Not included: n_problems (a run can be
+    extended), the strategies (added one by one), concurrency (per-request seeds make samples
+    independent of the batch) and engine memory options."""
     settings = {
-        "model": str(llm.source),
+        "model": str(model_source),
         "task": task_identity(task),
         "seed": seed,
         "params": dataclasses.asdict(params),
@@ -102,6 +104,8 @@ def run_settings(
         settings["search"] = dataclasses.asdict(search)
     if hygiene is not None and hygiene != Hygiene():
         settings["hygiene"] = dataclasses.asdict(hygiene)  # default runs keep their settings
+    if numerics:
+        settings["numerics"] = dict(numerics)
     return jsonable(settings)
 
 
@@ -114,14 +118,10 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def prepare_out_dir(out_dir: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Checks (or starts) the folder's run.json. With ``resume=False`` earlier results are
-    deleted; with ``resume=True`` other settings are refused rather than mixed in."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_out_dir(out_dir: Path, settings: dict[str, Any]) -> bool:
+    """Reads only: raises SettingsMismatch when the folder's results were made with other
+    settings; returns whether it has a run.json (False: a new run)."""
     run_path, records_path = out_dir / RUN_FILE, out_dir / RECORDS_FILE
-    if not resume:
-        for name in (RUN_FILE, RECORDS_FILE, SUMMARY_JSON, SUMMARY_MD):
-            (out_dir / name).unlink(missing_ok=True)
     if run_path.exists():
         try:
             old = json.loads(run_path.read_text(encoding="utf-8"))["settings"]
@@ -135,12 +135,25 @@ def prepare_out_dir(out_dir: Path, settings: dict[str, Any], resume: bool) -> No
                 f"{out_dir} holds results made with other settings ({'; '.join(changes)}); "
                 "use another output folder, or --no-resume to start over"
             )
-        return
+        return True
     if records_path.exists() and records_path.stat().st_size:
         raise SettingsMismatch(
             f"{records_path} exists without {RUN_FILE}, so its settings are unknown; "
             "use another output folder, or --no-resume to start over"
         )
+    return False
+
+
+def prepare_out_dir(out_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Checks (or starts) the folder's run.json. With ``resume=False`` earlier results are
+    deleted; with ``resume=True`` other settings are refused rather than mixed in."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in (RUN_FILE, RECORDS_FILE, SUMMARY_JSON, SUMMARY_MD):
+            (out_dir / name).unlink(missing_ok=True)
+    if check_out_dir(out_dir, settings):
+        return
+    run_path = out_dir / RUN_FILE
     info = {"settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     run_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
@@ -220,11 +233,14 @@ def make_record(
     result: StrategyResult,
     amortized_time: float,
     chunk_size: int,
+    session: str | None = None,
 ) -> dict[str, Any]:
     """One JSON-ready line: the problem, every candidate judged, the choice, and its cost.
 
     ``wall_time`` is the session's own time, which overlaps other problems of its chunk;
     ``amortized_time`` (chunk time / chunk size) adds up to the real elapsed time.
+    ``session`` names the run (its start time) that measured them: times taken in different
+    sessions were taken under different machine load, which the summary points out.
     """
     candidates = [
         {
@@ -252,6 +268,7 @@ def make_record(
         **stats_fields(result.stats),
         "amortized_time": amortized_time,
         "chunk_size": chunk_size,
+        **({} if session is None else {"session": session}),
         "extra": jsonable(result.extra),
     }
 
@@ -272,6 +289,7 @@ __all__ = [
     "SUMMARY_JSON",
     "SUMMARY_MD",
     "SettingsMismatch",
+    "check_out_dir",
     "finite_or_none",
     "jsonable",
     "load_records",

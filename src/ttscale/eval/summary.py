@@ -79,6 +79,10 @@ def strategy_summary(strategy: str, records: Sequence[dict[str, Any]]) -> dict[s
         "mean_wall_time": _mean(col("amortized_time")),
         "total_wall_time": sum(col("amortized_time")),
         "mean_session_time": _mean(col("wall_time")),
+        # Runs that measured these times (a resumed folder has several; records written
+        # before sessions were recorded count as one): times of different runs were taken
+        # under different machine load.
+        "timing_sessions": len({r.get("session") for r in records}),
     }
     for key in cost_keys(records):
         values = col(key)

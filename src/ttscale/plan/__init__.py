@@ -16,15 +16,49 @@ inference compute depends on how hard a problem is for the model, measured by it
 See docs/PLANNER.md for the method and its assumptions.
 """
 
-from ttscale.plan.bins import BinPlan, Option, difficulty_thresholds
-from ttscale.plan.costs import TokenTimeModel
-from ttscale.plan.curves import DEFAULT_EPSILON, PlanCandidate, saturation_n
-from ttscale.plan.knapsack import knapsack
-from ttscale.plan.pilot_run import Pilot, PilotProblem, pilot
-from ttscale.plan.planner import DEFAULT_CANDIDATES, InfeasibleBudget, Plan, make_plan
-from ttscale.plan.probe import Probe
-from ttscale.plan.report import plan_table, validation_table
-from ttscale.plan.validation import BinValidation, Validation, validate
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ttscale.plan.bins import BinPlan, Option, difficulty_thresholds
+    from ttscale.plan.costs import TokenTimeModel
+    from ttscale.plan.curves import DEFAULT_EPSILON, PlanCandidate, saturation_n
+    from ttscale.plan.knapsack import knapsack
+    from ttscale.plan.pilot_run import Pilot, PilotProblem, pilot
+    from ttscale.plan.planner import DEFAULT_CANDIDATES, InfeasibleBudget, Plan, make_plan
+    from ttscale.plan.probe import Probe
+    from ttscale.plan.report import plan_table, validation_table
+    from ttscale.plan.validation import BinValidation, Validation, validate
+
+
+# Where each public name lives: loaded on first use (PEP 562), for speed as in
+# ttscale/__init__.py: the planner imports the strategies, scipy and torch, and `ttscale plan
+# --help` or a bad argument must answer without them.
+_HOME = {
+    "BinPlan": "ttscale.plan.bins",
+    "Option": "ttscale.plan.bins",
+    "difficulty_thresholds": "ttscale.plan.bins",
+    "TokenTimeModel": "ttscale.plan.costs",
+    "DEFAULT_EPSILON": "ttscale.plan.curves",
+    "PlanCandidate": "ttscale.plan.curves",
+    "saturation_n": "ttscale.plan.curves",
+    "knapsack": "ttscale.plan.knapsack",
+    "Pilot": "ttscale.plan.pilot_run",
+    "PilotProblem": "ttscale.plan.pilot_run",
+    "pilot": "ttscale.plan.pilot_run",
+    "DEFAULT_CANDIDATES": "ttscale.plan.planner",
+    "InfeasibleBudget": "ttscale.plan.planner",
+    "Plan": "ttscale.plan.planner",
+    "make_plan": "ttscale.plan.planner",
+    "Probe": "ttscale.plan.probe",
+    "plan_table": "ttscale.plan.report",
+    "validation_table": "ttscale.plan.report",
+    "BinValidation": "ttscale.plan.validation",
+    "Validation": "ttscale.plan.validation",
+    "validate": "ttscale.plan.validation",
+}
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -49,3 +83,9 @@ __all__ = [
     "validate",
     "validation_table",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'ttscale.plan' has no attribute {name!r}")

@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ttscale.eval.cli import DtypeOpt, QuantizeOpt
+
 err = Console(stderr=True)
 
 
@@ -53,6 +55,8 @@ def serve(
         float, typer.Option(help="fraction of the KV pool strategy jobs may reserve together")
     ] = 0.5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    quantize: QuantizeOpt = "auto",
+    dtype: DtypeOpt = "float32",
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
@@ -77,7 +81,14 @@ def serve(
             strategy_kv_share=strategy_kv_share,
         )
         ServerConfig(**limits)  # fail before the (slow) load
-        llm = LLM(model, num_threads=threads, max_model_len=max_model_len, **options)
+        llm = LLM(
+            model,
+            num_threads=threads,
+            max_model_len=max_model_len,
+            quantize=quantize,
+            dtype=dtype,
+            **options,
+        )
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
