@@ -194,6 +194,7 @@ class LLMEngine:
             token_ids=token_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
             generator=None if params.greedy else make_generator(params.seed, index),
+            constraint=params.constraint.start() if params.constraint is not None else None,
         )
         request.sequences.append(seq)
         self.sequences[seq.seq_id] = seq
@@ -224,6 +225,7 @@ class LLMEngine:
                 child.params, child.step_start = params, child.num_tokens
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.token_ids, params)
                 child.logprobs, child.top_logprobs = [], []
+                child.constraint = params.constraint.start() if params.constraint else None
             request.sequences.append(child)
             self.sequences[child.seq_id] = child
             children.append(child)
@@ -351,7 +353,8 @@ class LLMEngine:
         """Appends the proposer's tokens to every decoding sequence, within its limits."""
         assert self.proposer is not None
         for seq in self.scheduler.running:
-            if seq.embed_only or seq.num_tokens - seq.num_computed_tokens != 1:
+            # A grammar's mask is known for the next token only: no drafts under one.
+            if seq.embed_only or seq.constraint or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
             room = min(
                 seq.params.max_tokens - seq.num_step_tokens,
@@ -505,6 +508,7 @@ class LLMEngine:
             output_token_ids=seq.token_ids[seq.num_prompt_tokens : end],
             eos_token_ids=self.tokenizer.eos_token_ids,
             step_tokens=end - seq.step_start,
+            constraint=seq.constraint,
         )
 
     def _append_token(self, seq: Sequence, result, i: int) -> None:
@@ -517,6 +521,8 @@ class LLMEngine:
                 seq.top_logprobs.append(result.top_logprobs[i])
         is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
         is_stop_id = token in params.stop_token_ids
+        if seq.constraint is not None and seq.constraint.advance(token):
+            is_stop_id = True  # the grammar is complete (its stop token), even with ignore_eos
         if not (is_eos or is_stop_id) or not params.skip_special_tokens:
             seq.pending_delta += seq.detokenizer.append(token) or ""
         if seq.num_step_tokens >= params.min_tokens and (is_eos or is_stop_id):

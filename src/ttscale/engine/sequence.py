@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ttscale.cost.usage import RunCost
+from ttscale.sampling.constraints import TokenConstraint
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 
@@ -77,6 +78,8 @@ class Sequence:
     embed_only: bool = False
     hidden_parts: list[torch.Tensor] = field(default_factory=list)
     num_hidden_rows: int = 0  # rows captured: positions hidden_start .. + num_hidden_rows - 1
+    # The grammar state of a structured output (params.constraint), fed every sampled token.
+    constraint: TokenConstraint | None = None
 
     def __post_init__(self) -> None:
         if self.params is None:
@@ -171,4 +174,5 @@ class Sequence:
             hidden_start=self.hidden_start,
             hidden_parts=list(self.hidden_parts),
             num_hidden_rows=self.num_hidden_rows,
+            constraint=self.constraint.fork() if self.constraint is not None else None,
         )

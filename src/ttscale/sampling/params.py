@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ttscale.errors import SamplingParamsError
+from ttscale.sampling.constraints import ConstraintSpec
 
 MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 100.0
@@ -36,6 +37,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output: a grammar every sample follows (`constraints.GrammarCompiler`);
+    # the sampler masks what it forbids, the engine advances each sample's parse state.
+    constraint: ConstraintSpec | None = None
 
     def __post_init__(self) -> None:
         # Accept a single string / list for `stop` and lists for ids, store tuples (hashable).
@@ -95,6 +99,9 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be non-negative integers")
         if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
             raise bad("logprobs", "must be in [0, 20]")
+        if self.constraint is not None and self.min_tokens:
+            # A complete grammar allows only its stop token, which min_tokens would mask.
+            raise bad("min_tokens", "must be 0 with a grammar constraint (it decides the end)")
 
     @property
     def greedy(self) -> bool:

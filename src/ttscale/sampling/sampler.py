@@ -6,7 +6,8 @@ Pipeline per row (vLLM's order of steps; HF's order of the truncations):
    negative ones multiplied), then frequency / presence (OpenAI-style, on output tokens:
    ``logit -= frequency * count + presence * (count > 0)``);
 2. ``min_tokens``: EOS and ``stop_token_ids`` get ``-inf`` while fewer than ``min_tokens``
-   tokens were generated (``ignore_eos`` does not change sampling; it is the engine's);
+   tokens were generated (``ignore_eos`` does not change sampling; it is the engine's); a
+   row with a grammar ``constraint`` gets ``-inf`` on every token the grammar forbids next;
 3. greedy rows (``temperature < 1e-5``, or ``top_k == 1``) take the argmax, lowest id on ties;
 4. other rows: temperature, then top-k, then top-p on the top-k-renormalised distribution,
    then min-p (``p >= min_p * p_max``), then one draw among the tokens left. Ties at a
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ttscale.sampling.constraints import TokenConstraint, bitmask_words, unpack_bitmask
 from ttscale.sampling.params import SamplingParams
 
 # Temperatures below this are greedy (as vLLM): dividing by them overflows float32.
@@ -76,6 +78,8 @@ class SamplingRow:
     forked step counts its limits from the fork), else ``len(output_token_ids)`` --
     whatever ``params.ignore_eos`` (vLLM would let EOS through then, as it ends nothing).
     Penalties use ``prompt_token_ids`` / ``output_token_ids``, lists or 1-D tensors.
+    ``constraint`` is the sequence's grammar state (`constraints.TokenConstraint`): only the
+    tokens it allows next can be drawn; the caller advances it with the token drawn.
     """
 
     params: SamplingParams
@@ -84,6 +88,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     eos_token_ids: frozenset[int] = frozenset()
     step_tokens: int | None = None
+    constraint: TokenConstraint | None = None
 
     @property
     def num_counted_tokens(self) -> int:
@@ -191,7 +196,8 @@ class Sampler:
         return result
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Steps 1-2 of the pipeline: penalties, then min_tokens masking, on (B, V) float32.
+        """Steps 1-2 of the pipeline: penalties, then min_tokens and grammar masking, on
+        (B, V) float32.
 
         Returns ``logits`` itself when no row needs either, else a modified copy; the input
         is never changed. Greedy rows are processed too (penalties move the argmax). Only the
@@ -206,7 +212,8 @@ class Sampler:
             and len(r.output_token_ids) > 0
         ]
         min_tok = [i for i, r in enumerate(rows) if r.num_counted_tokens < r.params.min_tokens]
-        if not (rep or occ or min_tok):
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        if not (rep or occ or min_tok or constrained):
             return logits
         out = logits.clone()
 
@@ -234,6 +241,15 @@ class Sampler:
             if pairs:
                 idx = torch.tensor(pairs, dtype=torch.long, device=device)
                 out[idx[:, 0], idx[:, 1]] = float("-inf")
+
+        if constrained:
+            # Each grammar fills its row of one packed bitmask (C, ceil(V/32)) on the CPU.
+            bitmask = torch.empty(len(constrained), bitmask_words(vocab), dtype=torch.int32)
+            for j, i in enumerate(constrained):
+                rows[i].constraint.fill_bitmask(bitmask, j)  # type: ignore[union-attr]
+            allowed = unpack_bitmask(bitmask, vocab).to(device)
+            idx = torch.tensor(constrained, device=device)
+            out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
         return out
 
 
