@@ -21,11 +21,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Imported now: the function has its module's name, and a lazily loaded name would be
+# shadowed by the submodule once anything imports ttscale.plan.knapsack (it is light).
+from ttscale.plan.knapsack import knapsack
+
 if TYPE_CHECKING:
     from ttscale.plan.bins import BinPlan, Option, difficulty_thresholds
     from ttscale.plan.costs import TokenTimeModel
     from ttscale.plan.curves import DEFAULT_EPSILON, PlanCandidate, saturation_n
-    from ttscale.plan.knapsack import knapsack
     from ttscale.plan.pilot_run import Pilot, PilotProblem, pilot
     from ttscale.plan.planner import DEFAULT_CANDIDATES, InfeasibleBudget, Plan, make_plan
     from ttscale.plan.probe import Probe
@@ -44,7 +47,6 @@ _HOME = {
     "DEFAULT_EPSILON": "ttscale.plan.curves",
     "PlanCandidate": "ttscale.plan.curves",
     "saturation_n": "ttscale.plan.curves",
-    "knapsack": "ttscale.plan.knapsack",
     "Pilot": "ttscale.plan.pilot_run",
     "PilotProblem": "ttscale.plan.pilot_run",
     "pilot": "ttscale.plan.pilot_run",
