@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ttscale.eval.cli import JsonOpt, KvOpt, ModelOpt, ScorerOpt, ThreadsOpt, _fail
+from ttscale.eval.cli import (
+    DtypeOpt,
+    JsonOpt,
+    KvOpt,
+    ModelOpt,
+    QuantizeOpt,
+    ScorerOpt,
+    ThreadsOpt,
+    WideOpt,
+    _fail,
+    check_max_tokens,
+    check_scorer,
+)
 
 err = Console(stderr=True)
 
@@ -81,6 +94,57 @@ def _check(
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     return measure
+
+
+def _check_problems(task: Any, pilot_problems: int, holdout: int, seed: int, routing: str) -> int:
+    """The problem counts, checked before the model loads (the pilot takes minutes): returns
+    how many problems the pilot gets; refuses a validation with no problem left over."""
+    from ttscale.plan.validation import fresh_problems
+
+    pilot_set = task.problems(pilot_problems, seed)
+    if not pilot_set:
+        _fail(f"task {task.name!r} gave no problems")
+    if len(pilot_set) < pilot_problems:
+        err.print(
+            f"[yellow]note:[/yellow] {escape(task.name)} has {len(pilot_set)} problems, not "
+            f"--pilot-problems {pilot_problems}: the pilot runs {len(pilot_set)}",
+            soft_wrap=True,
+        )
+    if holdout and routing != "oracle":
+        fresh = fresh_problems(task, pilot_set, holdout, seed)
+        if not fresh:
+            _fail(
+                f"task {task.name!r} has no problems beyond the pilot's {len(pilot_set)}: "
+                "lower --pilot-problems, or --holdout 0 to skip the validation"
+            )
+        if len(fresh) < holdout:
+            err.print(
+                f"[yellow]note:[/yellow] only {len(fresh)} problems beyond the pilot's: the "
+                f"validation runs {len(fresh)}, not --holdout {holdout}",
+                soft_wrap=True,
+            )
+    return len(pilot_set)
+
+
+class _Phases:
+    """`plan`'s phases on stderr, numbered, each with the time the previous one took."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index, self.t0 = total, 0, 0.0
+
+    def _close(self) -> None:
+        if self.index:
+            err.print(f"[dim]  ({time.perf_counter() - self.t0:.1f} s)[/dim]")
+
+    def start(self, what: str) -> None:
+        self._close()
+        self.index += 1
+        self.t0 = time.perf_counter()
+        err.print(f"[bold]phase {self.index}/{self.total}[/bold] {escape(what)}", soft_wrap=True)
+
+    def done(self) -> None:
+        self._close()
+        self.index = 0
 
 
 def _temperatures(spec: str | None, default: float) -> list[float]:
@@ -157,7 +221,10 @@ def plan_cmd(
     ] = None,
     threads: ThreadsOpt = None,
     kv_cache_gb: KvOpt = None,
+    quantize: QuantizeOpt = "auto",
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="write pilot.json, plan.json, validation.json"),
@@ -183,11 +250,16 @@ def plan_cmd(
     all_params = [
         _params(max_tokens=max_tokens, temperature=t, top_p=top_p, seed=seed) for t in sweep
     ]
+    check_scorer(scorer)
     try:  # before the model: a typo should not cost a model load
         the_task = load_task(task, difficulty)
+        pilot_ids = _check_problems(the_task, pilot_problems, holdout, seed, routing)
     except ValueError as e:
         _fail(e)
-    llm = _load_llm(model, threads, kv_cache_gb)
+    phases = _Phases(3 if holdout and routing != "oracle" else 2)
+    phases.start(f"load the model, then a pilot: {pilot_ids} problems x {pilot_samples} samples")
+    llm = _load_llm(model, threads, kv_cache_gb, quantize, dtype)
+    check_max_tokens(llm, max_tokens)
     # Tables go to stderr with --json (stdout is the JSON); wide when not a terminal.
     console = Console(stderr=json_out, width=None if err.is_terminal else 160)
 
@@ -217,6 +289,8 @@ def plan_cmd(
             _fail(e)
         suffix = "" if len(sweep) == 1 else f".t{t:g}"
         _write(out, PILOT_FILE.replace(".json", f"{suffix}.json"), the_pilot.to_dict())
+        if t == sweep[-1]:
+            phases.start("plan: bins, curves, knapsack within the budget")
         try:
             plan = make_plan(
                 the_pilot,
@@ -252,18 +326,19 @@ def plan_cmd(
     if len(plans) > 1:
         err.print(f"chosen: temperature {chosen_t:g}")
     _write(out, PLAN_FILE, plan.to_dict())
-    console.print(plan_table(plan))
+    console.print(plan_table(plan, wide))
     for note in plan.notes:
         err.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
 
     validation = None
     if holdout and plan.routing != "oracle":
+        phases.start(f"validation on {holdout} held-out problems")
         try:
             validation = validate(llm, the_task, plan, holdout, log=log, concurrency=concurrency)
         except ValueError as e:  # e.g. no problems left beyond the pilot's
             _fail(e)
         _write(out, VALIDATION_FILE, validation.to_dict())
-        console.print(validation_table(validation))
+        console.print(validation_table(validation, wide))
     elif holdout:
         err.print("[dim]an oracle-routed plan cannot run on new problems: no validation[/dim]")
     if json_out:
@@ -272,6 +347,7 @@ def plan_cmd(
             "validation": None if validation is None else validation.to_dict(),
         }
         print(json.dumps(payload))
+    phases.done()
     if out is not None:
         err.print(f"[dim]results in {escape(str(out))}[/dim]", soft_wrap=True)
 

@@ -35,20 +35,48 @@ def strategy_label(plan: Plan, b: BinPlan) -> str:
     return f"{b.chosen} (after probe)"
 
 
-def plan_table(plan: Plan) -> Any:
-    """A rich table: one row per bin (easiest first), the probe, the totals, and the other
-    routings priced for comparison."""
-    from rich.markup import escape
+def _table(title: str, caption: str | None, wide: bool) -> Any:
+    """A table that fits 100 columns unless ``wide``: no vertical rules, no edge padding."""
+    from rich import box
     from rich.table import Table
 
-    t = Table(
-        title=f"plan ({plan.routing} routing): {plan.budget_seconds:g} s for {plan.n_problems} "
-        f"problems = {plan.budget_per_problem:.3g} s/problem, in {escape(plan.cost_unit)}",
-        title_justify="left",
+    if wide:
+        return Table(title=title, title_justify="left", caption=caption)
+    return Table(
+        title=title, title_justify="left", caption=caption, box=box.SIMPLE_HEAD, pad_edge=False
     )
-    right = ("share", "pilot pass rate", "pred. acc", "ceiling", "pred. s/problem", "sat. N")
-    for col in ("bin", "pass rate", *right[:2], "strategy", *right[2:]):
-        t.add_column(col, justify="right" if col in right else "left")
+
+
+def _columns(t: Any, names: tuple[str, ...], left: tuple[str, ...]) -> None:
+    for col in names:
+        # Text columns fold rather than cut: no cell ends in an ellipsis at any width.
+        if col in left:
+            t.add_column(col, justify="left", overflow="fold")
+        else:
+            t.add_column(col, justify="right", no_wrap=True)
+
+
+def plan_table(plan: Plan, wide: bool = False) -> Any:
+    """A rich table: one row per bin (easiest first), the probe, the totals, and the other
+    routings priced for comparison. Short headers (explained in the caption) unless
+    ``wide``."""
+    from rich.markup import escape
+
+    t = _table(
+        f"plan ({plan.routing} routing): {plan.budget_seconds:g} s for {plan.n_problems} "
+        f"problems = {plan.budget_per_problem:.3g} s/problem, in {escape(plan.cost_unit)}",
+        None
+        if wide
+        else "pilot: pilot pass rate; acc: predicted accuracy; s/pb: predicted seconds per "
+        "problem; sat N: where one more sample adds < epsilon",
+        wide,
+    )
+    if wide:
+        names = ("bin", "pass rate", "share", "pilot pass rate", "strategy", "pred. acc",
+                 "ceiling", "pred. s/problem", "sat. N")  # fmt: skip
+    else:
+        names = ("bin", "range", "share", "pilot", "strategy", "acc", "ceiling", "s/pb", "sat N")
+    _columns(t, names, (names[0], names[1], "strategy"))
     for b in sorted(plan.bins, key=lambda b: -b.index):
         closing = "]" if b.hi >= 1.0 else ")"
         t.add_row(
@@ -95,23 +123,29 @@ def plan_table(plan: Plan) -> Any:
     return t
 
 
-def validation_table(val: Validation) -> Any:
-    """Achieved vs predicted (in parentheses), per probe-assigned bin and overall."""
+def validation_table(val: Validation, wide: bool = False) -> Any:
+    """Achieved vs predicted (in parentheses), per probe-assigned bin and overall. Short
+    headers (explained in the caption) unless ``wide``."""
     from rich.markup import escape
-    from rich.table import Table
 
     unit = "roofline s" if val.analytic else "wall s"
-    t = Table(
-        title=f"held-out validation: {val.n_problems} problems, {val.achieved_seconds:.3g} "
+    other = "wall s/problem" if val.analytic else "cost model s/problem"
+    t = _table(
+        f"held-out validation: {val.n_problems} problems, {val.achieved_seconds:.3g} "
         f"{unit} of a {val.budget_seconds:.3g} s budget "
         f"({'within' if val.within_budget else 'OVER'})",
-        title_justify="left",
+        None
+        if wide
+        else f"(pred.): the plan's prediction; s/pb: {unit} per problem; other s/pb: {other}",
+        wide,
     )
-    other = "wall s/problem" if val.analytic else "cost model s/problem"
-    cols = ("bin", "strategy", "n", "share (pred.)", "acc (pred.)", "acc 95% CI",
-            f"{unit}/problem (pred.)", other)  # fmt: skip
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("bin", "strategy") else "right")
+    if wide:
+        cols = ("bin", "strategy", "n", "share (pred.)", "acc (pred.)", "acc 95% CI",
+                f"{unit}/problem (pred.)", other)  # fmt: skip
+    else:
+        cols = ("bin", "strategy", "n", "share (pred.)", "acc (pred.)", "95% CI",
+                "s/pb (pred.)", "other s/pb")  # fmt: skip
+    _columns(t, cols, ("bin", "strategy"))
     for b in [*sorted(val.bins, key=lambda b: -(b.index or 0)), val.overall]:
         if b is val.overall:
             t.add_section()

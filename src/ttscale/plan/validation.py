@@ -84,14 +84,24 @@ class Validation:
         return jsonable(dataclasses.asdict(self))
 
 
+def _unseen(task: Task, ids: set[str], questions: set[str], n_problems: int, seed: int) -> list:
+    pool = task.problems(n_problems + len(ids), seed)
+    return [p for p in pool if p.id not in ids and p.question not in questions][:n_problems]
+
+
 def held_out_problems(task: Task, plan: Plan, n_problems: int, seed_offset: int = 0) -> list:
     """``n_problems`` problems the pilot did not see: the task's problems at seed ``pilot seed +
     seed_offset``, minus the pilot's (by id and by question)."""
-    seen_ids = set(plan.pilot["problem_ids"])
-    seen_q = set(plan.pilot["questions"])
-    pool = task.problems(n_problems + len(seen_ids), plan.pilot["seed"] + seed_offset)
-    fresh = [p for p in pool if p.id not in seen_ids and p.question not in seen_q]
-    return fresh[:n_problems]
+    ids, questions = set(plan.pilot["problem_ids"]), set(plan.pilot["questions"])
+    return _unseen(task, ids, questions, n_problems, plan.pilot["seed"] + seed_offset)
+
+
+def fresh_problems(task: Task, pilot_problems: Sequence[Any], n_problems: int, seed: int) -> list:
+    """What :func:`held_out_problems` will find for a pilot of ``pilot_problems`` at ``seed``,
+    known before the pilot runs (so a task too small to validate on fails before it)."""
+    ids = {p.id for p in pilot_problems}
+    questions = {p.question for p in pilot_problems}
+    return _unseen(task, ids, questions, n_problems, seed)
 
 
 def validate(
@@ -313,6 +323,7 @@ __all__ = [
     "BinValidation",
     "Validation",
     "ValidationRecord",
+    "fresh_problems",
     "held_out_problems",
     "validate",
 ]
