@@ -56,7 +56,7 @@ def test_forked_group_with_shared_prefix(decode_path):
     # Four samples share blocks 0-2 (12 tokens) and own one or two private blocks each.
     tables = [[0, 1, 2, 10], [0, 1, 2, 11], [0, 1, 2, 12, 13], [0, 1, 2, 14]]
     (ref, fast), attn = run_both(tables, [14, 15, 18, 13], [1, 1, 1, 1])
-    assert attn.fused == decode_path and len(attn.layouts[None].groups) == 1
+    assert attn.fused == decode_path and len(attn.layouts[None, False][1].groups) == 1
     assert (ref - fast).abs().max() < 1e-5
 
 
@@ -74,7 +74,7 @@ def test_mixed_step_groups_singles_and_prefill():
     qlen = [1, 1, 1, 1, 1, 1, 5]
     (ref, fast), attn = run_both(tables, ctx, qlen)
     assert (ref - fast).abs().max() < 1e-5
-    assert len(attn.layouts[None].groups) == 2
+    assert len(attn.layouts[None, False][1].groups) == 2
     # KV read: group A prefix 8 once, B 12 once, suffixes, the single, the chunk's context.
     assert attn.kv_tokens_read == 8 + (7 + 6 + 2) + 12 + (1 + 4) + 6 + 9
 
@@ -100,7 +100,7 @@ def test_window_covering_the_prefix_keeps_sharing_it():
     tables = [[0, 1, 2, 10], [0, 1, 2, 11], [0, 1, 2, 12, 13]]
     (ref, fast), attn = run_both(tables, [14, 15, 18], [1, 1, 1], window=16)
     assert (ref - fast).abs().max() < 1e-5
-    ((rows, _),) = attn.layouts[16].groups
+    ((rows, _),) = attn.layouts[16, False][1].groups
     assert rows.tolist() == [0, 1]  # the 18-token row is past the window: private
     assert attn.kv_tokens_shared == 12
 
@@ -125,7 +125,7 @@ def test_layers_with_different_windows_in_one_step():
     caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
     ref_ctx = ReferencePagedAttention(caches[0], meta, specs)
     fast_ctx = PagedAttention(caches[1], meta, specs)
-    assert set(fast_ctx.layouts) == {4, None}
+    assert set(fast_ctx.layouts) == {(4, False), (None, False)}
     for spec in specs:
         q, k, v = torch.randn(2, H, D), torch.randn(2, KVH, D), torch.randn(2, KVH, D)
         assert (ref_ctx(spec, q, k, v) - fast_ctx(spec, q, k, v)).abs().max() < 1e-5
@@ -175,10 +175,10 @@ def test_long_contexts_take_the_flash_path(decode_path, monkeypatch):
     tables = [[*shared, 20, 21], [*shared, 22, 23], [*shared, 24, 25], list(range(30, 46))]
     (ref, fast), attn = run_both(tables, [57, 58, 56, 60], [1, 1, 1, 1])
     assert (ref - fast).abs().max() < 1e-5
-    assert len(attn.layouts[None].groups) == 1
+    assert len(attn.layouts[None, False][1].groups) == 1
     if decode_path:
         assert (
-            attn.layouts[None].suffix_width >= PagedAttention.FLASH_MIN_KEYS
+            attn.layouts[None, False][1].suffix_width >= PagedAttention.FLASH_MIN_KEYS
         )  # the single's 60 keys
         assert sorted(calls) == [52, 60]  # the group's prefix, then the padded suffixes
     else:

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from ttscale.attention.metadata import AttentionMetadata
+from ttscale.attention.sparse import BlockTopK, SparseRows, sparse_rows
 from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.kvcache.pool import KVCache
 
@@ -29,24 +30,77 @@ class AttentionContext(Protocol):
 
 
 class PagedAttentionBase:
-    """What every paged backend shares: the cache, the step's layout, the layers' specs, and
-    the KV traffic it reports to the cost model."""
+    """What every paged backend shares: the cache, the step's layout, the layers' specs, the
+    step's block top-k rows, and the KV traffic it reports to the cost model."""
+
+    # Sparsity policies (spec.sparsity types) a backend implements; others raise.
+    SPARSITY: tuple[type, ...] = (BlockTopK,)
 
     def __init__(
         self, cache: KVCache, meta: AttentionMetadata, specs: Sequence[AttentionLayerSpec]
     ) -> None:
         self.cache, self.meta, self.specs = cache, meta, list(specs)
-        for spec in self.specs:
-            if spec.sparsity is not None:
+        sparse_specs = [s for s in self.specs if s.sparsity is not None]
+        for spec in sparse_specs:
+            if not isinstance(spec.sparsity, self.SPARSITY):
                 raise NotImplementedError(
                     f"{type(self).__name__} has no sparse attention policy "
                     f"{spec.sparsity!r} (layer {spec.layer_idx})"
                 )
+            if spec.sliding_window is not None:
+                raise ValueError(f"layer {spec.layer_idx}: block top-k on a windowed layer")
+        # Decode rows that read sparsely this step (None: none do).
+        self.sparse: SparseRows | None = None
+        if sparse_specs and meta.kv_budgets is not None:
+            if cache.key_means is None:
+                raise ValueError("block top-k needs a pool that keeps block mean keys")
+            budgets = meta.kv_budgets
+            rows = [
+                i
+                for i, (q, c, b) in enumerate(
+                    zip(meta.query_lens, meta.context_lens, budgets, strict=True)
+                )
+                if q == 1 and b is not None and c > b
+            ]
+            if rows:
+                window = sparse_specs[0].sparsity.window  # type: ignore[union-attr]
+                self.sparse = sparse_rows(
+                    rows,
+                    meta.block_tables,
+                    meta.context_lens,
+                    budgets,  # type: ignore[arg-type]
+                    meta.block_size,
+                    window,
+                    cache.num_blocks,
+                    cache.device,
+                )
+        self.sparse_layers = len(sparse_specs) if self.sparse is not None else 0
         # KV token slots read per layer this step (mean over layers); the cascade path lowers
-        # it, reading `kv_tokens_shared` of them once for `shared_groups` fork groups.
-        self.kv_tokens_read = sum(meta.context_lens)
+        # it, reading `kv_tokens_shared` of them once for `shared_groups` fork groups, and
+        # block top-k lowers it on its layers.
+        self.kv_tokens_read = sum(meta.context_lens) - round(self._sparse_saving())
         self.kv_tokens_shared = 0
         self.shared_groups = 0
+        # Block mean keys scored per layer this step (mean over layers): the block-search read.
+        self.kv_blocks_scored = 0
+        if self.sparse is not None:
+            scored = int(self.sparse.num_blocks.sum())
+            self.kv_blocks_scored = round(scored * self.sparse_layers / max(1, len(self.specs)))
+
+    def _sparse_saving(self) -> float:
+        """Tokens per layer (mean over layers) block top-k does not read, vs dense."""
+        if self.sparse is None:
+            return 0.0
+        dense = sum(self.meta.context_lens[i] for i in self.sparse.rows)
+        return (dense - self.sparse.tokens_read) * self.sparse_layers / len(self.specs)
+
+    def _is_sparse(self, spec: AttentionLayerSpec) -> bool:
+        """Whether this layer reads block top-k this step. The backend's own specs (the
+        engine's policy on the model's specs, `sparse.with_block_topk`) decide, whatever
+        spec a caller passes (a compiled graph passes the model's)."""
+        if self.sparse is None:
+            return False
+        return (spec.sparsity or self.specs[spec.layer_idx].sparsity) is not None
 
     def _store(self, spec: AttentionLayerSpec, k: torch.Tensor, v: torch.Tensor) -> None:
         self.cache.store(spec.layer_idx, self.meta.slot_mapping, k, v)

@@ -23,6 +23,9 @@ class AttentionMetadata:
     context_lens: list[int]
     block_tables: list[list[int]]
     block_size: int
+    # Per sequence, the block top-k token budget of its decode rows; None: dense (the
+    # request's or engine's policy, resolved by the engine). None for the list: all dense.
+    kv_budgets: list[int | None] | None = None
 
     @property
     def query_start(self) -> list[int]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ttscale.attention.base import PagedAttentionBase, soft_cap
 from ttscale.attention.metadata import AttentionMetadata
+from ttscale.attention.sparse import select_blocks, selected_slots
 from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.kvcache.pool import KVCache
 
@@ -76,26 +77,32 @@ class PagedAttention(PagedAttentionBase):
         starts = meta.query_start
         self.decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
         self.prefill = [i for i, n in enumerate(meta.query_lens) if n > 1]
-        self.decode_rows = torch.tensor([starts[i] for i in self.decode], device=device)
         prefill_read = sum(meta.context_lens[i] for i in self.prefill)
-        self.layouts: dict[int | None, _DecodeLayout] = {}
+        # Per (window, sparse layer?): the dense-read decode rows and how they read. On a
+        # block top-k layer the rows that read sparsely are left out (see _decode_sparse).
+        self.layouts: dict[tuple[int | None, bool], tuple[torch.Tensor, _DecodeLayout]] = {}
+        sparse = set(self.sparse.rows) if self.sparse is not None else set()
+        if self.sparse is not None:
+            self.sparse_q_rows = torch.tensor([starts[i] for i in self.sparse.rows], device=device)
         if not self.decode:
             return
-        windows = [s.sliding_window for s in self.specs] or [None]
-        for w in dict.fromkeys(windows):
-            self.layouts[w] = self._layout(w)
+        keys = [(s.sliding_window, self._is_sparse(s)) for s in self.specs] or [(None, False)]
+        for key in dict.fromkeys(keys):
+            rows = [i for i in self.decode if not (key[1] and i in sparse)]
+            if rows:
+                q_rows = torch.tensor([starts[i] for i in rows], device=device)
+                self.layouts[key] = (q_rows, self._layout(key[0], rows))
         # The cost model's per-layer KV reads: the mean over layers of what each layout reads.
-        per_layer = [self.layouts[w] for w in windows]
+        per_layer = [self.layouts[k][1] for k in keys if k in self.layouts]
+        sparse_read = self.sparse.tokens_read * self.sparse_layers if self.sparse else 0
         self.kv_tokens_read = prefill_read + round(
-            sum(lay.kv_tokens_read for lay in per_layer) / len(per_layer)
+            (sum(lay.kv_tokens_read for lay in per_layer) + sparse_read) / len(keys)
         )
-        self.kv_tokens_shared = round(
-            sum(lay.kv_tokens_shared for lay in per_layer) / len(per_layer)
-        )
-        self.shared_groups = max(len(lay.groups) for lay in per_layer)
+        self.kv_tokens_shared = round(sum(lay.kv_tokens_shared for lay in per_layer) / len(keys))
+        self.shared_groups = max((len(lay.groups) for lay in per_layer), default=0)
 
-    def _layout(self, window: int | None) -> _DecodeLayout:
-        meta, decode, device = self.meta, self.decode, self.cache.device
+    def _layout(self, window: int | None, decode: list[int]) -> _DecodeLayout:
+        meta, device = self.meta, self.cache.device
         bs = meta.block_size
         # Shared prefixes: group decode rows by first block; a group's prefix is the longest
         # common run of blocks that lie wholly before every member's current token.
@@ -151,9 +158,13 @@ class PagedAttention(PagedAttentionBase):
     ) -> torch.Tensor:
         self._store(spec, k, v)
         out = torch.empty_like(q)
-        if self.decode:
-            layout = self.layouts[spec.sliding_window]
-            out[self.decode_rows] = self._decode(q[self.decode_rows], layout, spec)
+        sparse = self._is_sparse(spec)
+        dense = self.layouts.get((spec.sliding_window, sparse))
+        if dense is not None:
+            rows, layout = dense
+            out[rows] = self._decode(q[rows], layout, spec)
+        if sparse:
+            out[self.sparse_q_rows] = self._decode_sparse(q[self.sparse_q_rows], spec)
         self._prefill(q, out, spec)
         return out
 
@@ -207,6 +218,22 @@ class PagedAttention(PagedAttentionBase):
     # than through the flash kernel's per-problem set-up; from about this many, flash wins
     # (measurements: docs/BENCHMARKS.md, "Measurements behind code choices").
     FLASH_MIN_KEYS = 48
+
+    def _decode_sparse(self, q: torch.Tensor, spec: AttentionLayerSpec) -> torch.Tensor:
+        """Block top-k rows: q (R, H, D) -> (R, H, D). Each row and KV head gathers only its
+        chosen blocks (sparse.py): at most `budget` tokens, dequantized as read."""
+        assert self.sparse is not None and self.cache.key_means is not None
+        R, H, D = q.shape
+        kvh = self.cache.n_kv_heads
+        layer = spec.layer_idx
+        idx, chosen = select_blocks(q, self.cache.key_means[layer], self.sparse)
+        slots, inside = selected_slots(idx, chosen, self.sparse, self.cache.null_slot)
+        keys = self.cache.keys_by_head(layer, slots, q.dtype)  # (R, KVH, S, D)
+        values = self.cache.values_by_head(layer, slots, q.dtype)
+        bias = torch.zeros(inside.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill_(~inside, float("-inf"))[:, :, None, :]  # (R, KVH, 1, S)
+        out, _ = self._attend(q.view(R, kvh, H // kvh, D), keys, values, bias, spec)
+        return out.reshape(R, H, D).to(q.dtype)
 
     def _attend(
         self,

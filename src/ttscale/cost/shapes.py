@@ -224,6 +224,8 @@ class StepShape:
                      whole group (cascade attention); the rest was gathered per sequence.
                      Bytes do not depend on the split, time does (see steptime.py).
     shared_groups:   fork groups whose prefix was read once this step.
+    kv_blocks_scored: block mean keys block top-k scored per layer (mean over layers): the
+                     block search's read (Kinetics Eq. 9); its reads are in kv_tokens_read.
     """
 
     query_lens: tuple[int, ...]
@@ -232,6 +234,7 @@ class StepShape:
     num_logits: int | None = None
     kv_tokens_shared: int = 0
     shared_groups: int = 0
+    kv_blocks_scored: int = 0
 
     def __post_init__(self) -> None:
         q = tuple(self.query_lens)
@@ -256,7 +259,7 @@ class StepShape:
             raise ValueError(f"invalid step: kv_tokens_read={self.kv_tokens_read!r}")
         elif self.kv_tokens_read < 0:
             raise ValueError(f"invalid step: kv_tokens_read={self.kv_tokens_read} must be >= 0")
-        for f in ("kv_tokens_shared", "shared_groups"):
+        for f in ("kv_tokens_shared", "shared_groups", "kv_blocks_scored"):
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"invalid step: {f}={value!r} must be an integer >= 0")

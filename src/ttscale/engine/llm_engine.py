@@ -6,6 +6,7 @@ running sequence by the tokens the scheduler granted and returns the outputs tha
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as Seq
@@ -24,6 +25,7 @@ from ttscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ttscale.engine.sequence import Request, Sequence, SequenceStatus
 from ttscale.errors import PromptTooLongError, StepError
 from ttscale.kvcache import CacheConfig
+from ttscale.kvcache.config import check_sparse
 from ttscale.kvcache.quant import kv_bytes_per_value
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
@@ -58,6 +60,7 @@ class LLMEngine:
         self.device = torch.device(device)
         self.executor: Executor = executor or ModelRunner(model, cache_config, self.device)
         self.proposer = proposer
+        self.cache_config = cache_config
         self.block_manager = BlockManager(
             self.executor.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -107,6 +110,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt_token_ids)
+        self.validate_params(params)
         request = Request(request_id, ids, params, next(self._arrivals), prompt, retain=retain)
         seq = self._new_sequence(request, index=0, token_ids=list(ids))
         if hidden_layers is not None:
@@ -131,6 +135,28 @@ class LLMEngine:
                 f"{self.max_model_len} (prompt plus at least one generated token)"
             )
         return ids
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """ValueError if this engine cannot run the request's attention settings (the server
+        calls this too, to answer 400): block top-k needs an engine started with
+        sparse_attention="block_topk" (its pool keeps the block mean keys), and a budget of
+        at least the sink block + local window + current block."""
+        cc = self.cache_config
+        policy = params.sparse_attention or cc.sparse_attention
+        if policy == "block_topk" and not cc.tracks_block_keys:
+            raise ValueError(
+                "sparse_attention='block_topk' needs an engine started with "
+                "sparse_attention='block_topk' (its KV pool keeps the block mean keys it scores)"
+            )
+        budget = params.kv_budget if params.kv_budget is not None else cc.kv_budget
+        check_sparse(policy, budget, cc.block_size, cc.sparse_window, "sparse_attention")
+
+    def _kv_budget(self, params: SamplingParams) -> int | None:
+        """A request's block top-k budget; None: dense."""
+        cc = self.cache_config
+        if (params.sparse_attention or cc.sparse_attention) == "dense":
+            return None
+        return params.kv_budget if params.kv_budget is not None else cc.kv_budget
 
     def add_embed_request(
         self,
@@ -215,6 +241,8 @@ class LLMEngine:
         request = parent.request
         if params is not None and params.n != 1:
             raise ValueError("a fork's params must have n=1 (the fork count is the argument)")
+        if params is not None:
+            self.validate_params(params)
         step_params = params or parent.params
         children = []
         for _ in range(n):
@@ -331,6 +359,11 @@ class LLMEngine:
         batch = self.scheduler.schedule() if self.proposer is None else self._schedule_with_drafts()
         if not batch.seqs:
             return []
+        if self.cache_config.tracks_block_keys:  # each request's sparse attention budget
+            batch.seqs = [
+                dataclasses.replace(s, kv_budget=self._kv_budget(self.sequences[s.seq_id].params))
+                for s in batch.seqs
+            ]
         try:
             t0 = time.perf_counter()
             result = self.executor.execute(batch)

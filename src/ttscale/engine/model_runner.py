@@ -7,6 +7,7 @@ import torch
 
 from ttscale.attention.metadata import AttentionMetadata
 from ttscale.attention.registry import get_backend
+from ttscale.attention.sparse import with_block_topk
 from ttscale.cost.shapes import StepShape
 from ttscale.engine.executor import StepResult
 from ttscale.engine.scheduler import SchedulerOutput
@@ -31,7 +32,7 @@ class ModelRunner:
         )
         self.num_blocks = self.kv_cache.num_blocks
         self.attention_cls = get_backend(config.attention)
-        self.specs = model.attention_specs
+        self.specs = with_block_topk(model.attention_specs, config)
 
     def execute(self, batch: SchedulerOutput) -> StepResult:
         self.kv_cache.copy_blocks(batch.block_copies)
@@ -56,6 +57,9 @@ class ModelRunner:
             context_lens=[s.start_pos + len(s.token_ids) for s in batch.seqs],
             block_tables=[s.block_table for s in batch.seqs],
             block_size=bs,
+            kv_budgets=(
+                [s.kv_budget for s in batch.seqs] if self.config.tracks_block_keys else None
+            ),
         )
         attn = self.attention_cls(self.kv_cache, meta, self.specs)
         capture = None
@@ -75,6 +79,7 @@ class ModelRunner:
             num_logits=len(logit_rows),
             kv_tokens_shared=attn.kv_tokens_shared,
             shared_groups=attn.shared_groups,
+            kv_blocks_scored=attn.kv_blocks_scored,
         )
         if logit_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])

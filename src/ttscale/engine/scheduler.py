@@ -41,6 +41,7 @@ class ScheduledSeq:
     # sequence's last token, 1 + k when the chunk carries k speculative tokens to verify.
     num_logits: int = 1
     return_hidden: bool = False  # hidden states of every row (SchedulerOutput.hidden_layers)
+    kv_budget: int | None = None  # block top-k token budget of decode rows; None: dense
 
     @property
     def sample(self) -> bool:

@@ -116,6 +116,24 @@ class KVCache:
         rows = self.v[layer_idx].index_select(0, slots)
         return rows if rows.dtype == dtype else rows.to(dtype)
 
+    def head_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Flat (slot, KV head) row indices of `slots` (..., KVH, S), where each KV head
+        reads its own slots (block top-k selects per head)."""
+        heads = torch.arange(self.n_kv_heads, device=slots.device)[:, None]
+        return (slots * self.n_kv_heads + heads).flatten()
+
+    def keys_by_head(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """slots (..., KVH, S), each KV head its own -> K (..., KVH, S, head_dim) in `dtype`."""
+        rows = self.k[layer_idx].view(-1, self.head_dim).index_select(0, self.head_rows(slots))
+        return rows.view(*slots.shape, self.head_dim).to(dtype)
+
+    def values_by_head(
+        self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """As `keys_by_head`, for V."""
+        rows = self.v[layer_idx].view(-1, self.head_dim).index_select(0, self.head_rows(slots))
+        return rows.view(*slots.shape, self.head_dim).to(dtype)
+
     def gather(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows at `slots` -> two (len(slots), n_kv_heads, head_dim) tensors in
         `self.dtype` (what the reference backend reads)."""

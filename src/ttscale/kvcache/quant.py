@@ -52,6 +52,22 @@ class Int8KVCache(KVCache):
     def values(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return _dequant(self.v[layer_idx], self.v_scale[layer_idx], slots, dtype)
 
+    def keys_by_head(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._by_head(self.k[layer_idx], self.k_scale[layer_idx], slots, dtype)
+
+    def values_by_head(
+        self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return self._by_head(self.v[layer_idx], self.v_scale[layer_idx], slots, dtype)
+
+    def _by_head(
+        self, codes: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        flat = self.head_rows(slots)
+        rows = codes.view(-1, self.head_dim).index_select(0, flat).to(dtype)
+        rows.mul_(scales.view(-1).index_select(0, flat).to(dtype)[:, None])
+        return rows.view(*slots.shape, self.head_dim)
+
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, KVH, D) -> int8 codes (T, KVH, D) and fp32 scales (T, KVH)."""

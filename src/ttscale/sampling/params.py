@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ttscale.errors import SamplingParamsError
+from ttscale.kvcache.config import SPARSE_POLICIES
 from ttscale.sampling.constraints import ConstraintSpec
 
 MAX_TEMPERATURE = 100.0
@@ -37,6 +38,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Block top-k sparse decode attention for this request (None: the engine's setting):
+    # "dense" or "block_topk", with a KV token budget per decode step (None: the engine's).
+    sparse_attention: str | None = None
+    kv_budget: int | None = None
     # Structured output: a grammar every sample follows (`constraints.GrammarCompiler`);
     # the sampler masks what it forbids, the engine advances each sample's parse state.
     constraint: ConstraintSpec | None = None
@@ -99,6 +104,10 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be non-negative integers")
         if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
             raise bad("logprobs", "must be in [0, 20]")
+        if self.sparse_attention is not None and self.sparse_attention not in SPARSE_POLICIES:
+            raise bad("sparse_attention", f"must be one of {', '.join(SPARSE_POLICIES)}")
+        if self.kv_budget is not None and integer("kv_budget") < 1:
+            raise bad("kv_budget", "must be >= 1 (the engine checks its own minimum)")
         if self.constraint is not None and self.min_tokens:
             # A complete grammar allows only its stop token, which min_tokens would mask.
             raise bad("min_tokens", "must be 0 with a grammar constraint (it decides the end)")
