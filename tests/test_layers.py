@@ -39,6 +39,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("calibration",),
     ("eval",),
     ("plan",),
+    # The dashboard's pages and eval-folder API; the server adds its live routes to them.
+    ("ui",),
     ("server",),
     ("ray",),
     ("cli",),

@@ -66,6 +66,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "train_verifier",
         "Train a probe verifier on the policy's hidden states (samples, labels, fit).",
     ),
+    "ui": (
+        "ttscale.ui.cli",
+        "ui_cmd",
+        "Dashboard of eval folders, offline (ttscale serve has it live at /ui).",
+    ),
 }
 
 
@@ -358,6 +363,7 @@ EXTRA_OF = {
 # at the end, and a missing matplotlib should not cost a whole run to find out.
 NEEDS = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "ui": ("fastapi", "uvicorn"),
     "eval": ("matplotlib",),
     "compare": ("matplotlib",),
     "train-verifier": ("reasoning_gym",),

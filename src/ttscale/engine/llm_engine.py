@@ -341,6 +341,13 @@ class LLMEngine:
         """Raises AssertionError if the KV bookkeeping is inconsistent."""
         self.block_manager.check_integrity()
 
+    def kv_block_states(self) -> tuple[list[int], list[bool]]:
+        """Each block's ref count and whether it holds a prefix-cache key, by block id: a
+        picture of the pool (the dashboard's); O(num_blocks)."""
+        bm = self.block_manager
+        blocks = range(bm.num_blocks)
+        return [bm.ref_count(b) for b in blocks], [bm.is_cached(b) for b in blocks]
+
     def kv_stats(self) -> dict[str, int | float]:
         bm = self.block_manager
         return {

@@ -55,6 +55,7 @@ from ttscale.server.streaming import (
     sse_stream,
     until_disconnected,
 )
+from ttscale.server.ui_routes import router as ui_router
 from ttscale.server.validation import (
     Job,
     chat_job,
@@ -96,6 +97,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
     token_text = TokenTexts(llm.tokenizer)
+    app.include_router(ui_router)  # the dashboard: /ui, engine stats, playground runs (SSE)
 
     # -- errors: always OpenAI's shape, never a 500 for a client mistake
     @app.exception_handler(APIError)
