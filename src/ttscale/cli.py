@@ -35,8 +35,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "solve_cmd",
         "Answer one question with a strategy; show votes and cost.",
     ),
-    "eval": (
-        "ttscale.eval.cli",
+    "eval": (  # eval.cli's command with --ray / --address / --workers added
+        "ttscale.ray.cli",
         "eval_cmd",
         "Compare strategies on a task: table, JSONL, Pareto plot.",
     ),
@@ -50,7 +50,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "plan_cmd",
         "Plan test-time compute per difficulty within a budget.",
     ),
-    "serve": ("ttscale.server.cli", "serve", "OpenAI-compatible HTTP server."),
+    "serve": (  # server.cli's command with --ray / --replicas / ... added
+        "ttscale.ray.cli",
+        "serve_cmd",
+        "OpenAI-compatible HTTP server (--ray: engine replicas on a Ray cluster).",
+    ),
     "cost": (
         "ttscale.cost.cli",
         "cost",

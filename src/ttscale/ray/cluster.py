@@ -8,6 +8,7 @@ placement is checked against ``ray.cluster_resources()`` before anything is sche
 
 from __future__ import annotations
 
+import os
 import socket
 from types import ModuleType
 from typing import Any
@@ -112,21 +113,28 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def check_cpus(count: int, cpus_each: float, what: str, flag: str) -> None:
+def check_cpus(count: int, cpus_each: float, what: str, flag: str, address: str | None) -> None:
     """Refuses ``count`` actors of ``cpus_each`` CPUs that the cluster cannot place at once
-    (Ray would leave the rest pending forever)."""
+    (Ray would leave the rest pending forever). Before a local cluster is started, this
+    machine's CPU count stands in for the cluster's, so the refusal costs no start-up."""
     if count < 1:
         raise RayClusterError(f"{flag} must be >= 1")
     if cpus_each <= 0:
         raise RayClusterError("CPUs per actor must be > 0")
-    total = cluster_cpus()
+    ray = require_ray()
+    if ray.is_initialized():
+        total = cluster_cpus()
+    elif address is None:
+        total = float(os.cpu_count() or 1)
+    else:
+        return  # checked again once connected
     need = count * cpus_each
     if need > total:
         fits = int(total // cpus_each)
+        fix = f"use {flag} {fits}" if fits else f"use at most {total:g} CPUs each"
         raise RayClusterError(
             f"{count} {what} x {cpus_each:g} CPU need {need:g} CPUs but the cluster has "
-            f"{total:g}; use {flag} {max(fits, 1)} or fewer CPUs each, or add machines "
-            "(`ray start --address HEAD:6379` on each)"
+            f"{total:g}; {fix}, or add machines (`ray start --address HEAD:6379` on each)"
         )
 
 

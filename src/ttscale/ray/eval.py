@@ -20,7 +20,6 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ttscale.eval.harness import _progress
@@ -44,7 +43,8 @@ if TYPE_CHECKING:
 
 
 def per_worker_totals(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Problems, seconds (amortized), FLOPs and bytes per worker that ran them."""
+    """Problems, seconds (amortized), FLOPs and bytes per worker that ran them (records
+    written by one process count under "local")."""
     out: dict[str, dict[str, float]] = {}
     for r in records:
         row = out.setdefault(
@@ -73,9 +73,10 @@ def run_eval(
     search: SearchConfig | None = None,
     hygiene: Hygiene | None = None,
 ) -> dict[str, Any]:
-    """`eval.harness.run_eval` on the pool's actors; same arguments and summary, plus a
-    ``cluster`` entry: workers, elapsed seconds, and per worker its problems, seconds, FLOPs
-    and bytes. Raises ValueError for bad input (as the harness) before any work is sent."""
+    """`eval.harness.run_eval` on the pool's actors; same arguments (the numerics are the
+    pool's) and summary, plus a ``cluster`` entry: workers, elapsed seconds, and per worker
+    its problems, seconds, FLOPs and bytes. Raises ValueError for bad input (as the harness)
+    before any work is sent."""
     out_dir = Path(out_dir)
     specs = list(dict.fromkeys(s.strip() for s in strategies if s.strip()))
     if not specs:
@@ -91,10 +92,8 @@ def run_eval(
 
         load_scorer(scorer_spec, pool.source)
 
-    # run_settings reads only the model's source; the driver holds no model.
-    settings = run_settings(
-        SimpleNamespace(source=pool.source), task, params, seed, scorer_spec, search, hygiene
-    )  # type: ignore[arg-type]
+    numerics = pool.config.numerics()
+    settings = run_settings(pool.source, task, params, seed, scorer_spec, search, hygiene, numerics)
     prepare_out_dir(out_dir, settings, resume)
     records_path = out_dir / RECORDS_FILE
     records = load_records(records_path)
@@ -106,7 +105,10 @@ def run_eval(
         chunks += [(spec, pending[i : i + concurrency]) for i in starts]
 
     task_ref = pool.ray.put(task)  # shipped once, not with every chunk
-    common = dict(params=params, scorer=scorer_spec, search=search, hygiene=hygiene)
+    session = time.strftime("%Y-%m-%dT%H:%M:%S")
+    common = dict(
+        params=params, scorer=scorer_spec, search=search, hygiene=hygiene, session=session
+    )
     t0 = time.perf_counter()
     with (
         _progress(sum(len(c) for _, c in chunks), progress) as advance,
@@ -131,17 +133,19 @@ def run_eval(
         pool.map_chunks(submit, chunks, write)
     elapsed = time.perf_counter() - t0
 
-    summary = {
-        "settings": settings,
-        "n_problems": len(problems),
-        "strategies": summarize_records(records, [p.id for p in problems], specs),
-        "cluster": {
-            "workers": len(pool),
-            "elapsed_s": elapsed,
-            "per_worker": per_worker_totals(records),
-        },
+    ids = [p.id for p in problems]
+    cluster = {
+        "workers": len(pool),
+        "elapsed_s": elapsed,
+        "per_worker": per_worker_totals([r for r in records if r.get("session") == session]),
     }
-    write_summary(out_dir, summary)
+    folder = {"settings": settings, "n_problems": len(problems)}
+    write_summary(
+        out_dir,
+        {**folder, "strategies": summarize_records(records, ids, specs), "cluster": cluster},
+    )
+    asked = [r for r in records if r["strategy"] in built]
+    summary = {**folder, "strategies": summarize_records(asked, ids, specs), "cluster": cluster}
     return summary
 
 

@@ -49,8 +49,9 @@ class EnginePool:
         if workers < 1:
             raise RayClusterError("--workers must be >= 1")
         self.ray = require_ray()
+        check_cpus(workers, cpus, "workers", "--workers", address)  # before a slow start
         connect(address)
-        check_cpus(workers, cpus, "workers", "--workers")
+        check_cpus(workers, cpus, "workers", "--workers", address)
         self.config = config
         self.max_restarts = max_restarts
         actor_cls = self.ray.remote(EngineWorker).options(

@@ -34,20 +34,34 @@ class WorkerConfig:
     model: str | None = None  # None: the embedded SmolLM2
     num_threads: int = 1
     quantize: str = "auto"
+    dtype: str = "float32"
     engine_options: dict[str, Any] = field(default_factory=dict)  # LLM(**engine_options)
 
     def __post_init__(self) -> None:
         if self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
-        reserved = {"num_threads", "quantize", "model"} & set(self.engine_options)
+        reserved = {"num_threads", "quantize", "model", "dtype"} & set(self.engine_options)
         if reserved:
             raise ValueError(f"pass {sorted(reserved)} as WorkerConfig fields")
+
+    def numerics(self) -> dict[str, str]:
+        """The non-default dtype / quantize: part of an eval's settings (as `eval.cli`)."""
+        out = {}
+        if self.dtype != "float32":
+            out["dtype"] = self.dtype
+        if self.quantize != "auto":
+            out["quantize"] = self.quantize
+        return out
 
     def load(self) -> LLM:
         from ttscale.llm import LLM
 
         return LLM(
-            self.model, num_threads=self.num_threads, quantize=self.quantize, **self.engine_options
+            self.model,
+            num_threads=self.num_threads,
+            quantize=self.quantize,
+            dtype=self.dtype,
+            **self.engine_options,
         )
 
 
@@ -112,6 +126,7 @@ class EngineWorker:
         search: SearchConfig | None,
         hygiene: Hygiene | None,
         needs_scorer: bool,
+        session: str | None = None,
     ) -> list[dict[str, Any]]:
         """The records of one chunk, as `eval.harness.run_eval` makes them: the problems run
         together on the engine and share its time evenly (``amortized_time``)."""
@@ -138,7 +153,7 @@ class EngineWorker:
         results = solve_many(self.llm, queries, strategy, concurrency=len(problems))
         amortized = (time.perf_counter() - t0) / len(problems)
         records = [
-            make_record(task, p, r, amortized, len(problems))
+            make_record(task, p, r, amortized, len(problems), session)
             for p, r in zip(problems, results, strict=True)
         ]
         for r in records:

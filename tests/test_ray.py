@@ -1,0 +1,256 @@
+"""ttscale on Ray: routing and metrics merging (pure), then one local cluster for the module
+(``ray.init(num_cpus=2)``): eval over 2 engine actors x 1 thread against the single-process
+run, a worker killed mid-eval, bad input, and 2 engine replicas behind Ray Serve (requests,
+n > 1, streaming, a strategy job, prefix routing, merged metrics, a killed replica).
+
+Everything runs on the tiny random model. Ray start-up is the slow part (a cluster, actors
+that import torch, Serve's controller and proxy), so the cluster is shared by the module and
+each group of tests shares its actors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ttscale import SamplingParams  # noqa: E402
+from ttscale.eval.harness import run_eval as run_eval_local  # noqa: E402
+from ttscale.eval.store import RECORDS_FILE  # noqa: E402
+from ttscale.ray import EnginePool, RayClusterError, WorkerConfig, run_eval  # noqa: E402
+from ttscale.ray.cluster import probe_address  # noqa: E402
+from ttscale.ray.prom import merge_metrics  # noqa: E402
+from ttscale.ray.routing import PrefixRouter, RoutingConfig, routing_text  # noqa: E402
+from ttscale.tasks import JsonlTask  # noqa: E402
+from ttscale.tts.hygiene import Hygiene  # noqa: E402
+
+from .conftest import tiny_llm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, seed=3)
+ENGINE = dict(kv_cache_gb=0.01, block_size=4)
+PROBLEMS = [
+    {
+        "question": f"Problem {i}: Tom has {i} apples and buys {i + 2} more.",
+        "answer": f"#### {i % 3}",
+    }
+    for i in range(6)
+]
+# Fields that depend on which problems shared an engine (each actor computes the shared chat
+# prefix once) or on timing: everything else of the summary must be equal.
+ENGINE_DEPENDENT = ("time", "computed_prompt", "cached_prompt", "prompt_cache", "flops", "bytes")
+
+
+class LengthModTask(JsonlTask):
+    """The tiny model's text is noise: its 'answer' is the text's length mod 3."""
+
+    def extract_answer(self, completion: str) -> str | None:
+        return str(len(completion) % 3)
+
+
+class CrashOnceTask(LengthModTask):
+    """Kills the process running it the first time it judges ``crash_on`` (a marker file
+    makes it once per test, across the restart)."""
+
+    def __init__(self, path: Path, marker: Path, crash_on: str) -> None:
+        super().__init__(path)
+        self.marker, self.crash_on = str(marker), crash_on
+
+    def is_correct(self, problem, answer) -> bool:  # type: ignore[no-untyped-def]
+        if problem.id == self.crash_on and not os.path.exists(self.marker):
+            Path(self.marker).write_text("crashed")
+            os._exit(1)
+        return super().is_correct(problem, answer)
+
+
+# ---- pure parts: routing and metrics ----------------------------------------------------------
+
+
+def test_routing_keeps_a_prefix_on_its_replica_and_balances() -> None:
+    router = PrefixRouter(2, RoutingConfig(chunk_chars=8, balance_slack=1))
+    system = "You are a careful assistant. " * 3
+    first = router.choose(system + "Q1")
+    assert first.reason == "least_loaded"
+    router.started(first.replica)
+    router.finished(first.replica, system + "Q1", ok=True)
+    # Same system prompt, another question: the replica that cached it.
+    again = router.choose(system + "Q2 is different")
+    assert again.replica == first.replica and again.reason == "prefix"
+    assert again.matched_chars >= len(system) - 8
+    # Unrelated prompt: the least loaded (the other one, fewer routed so far).
+    other = router.choose("Something else entirely, long enough")
+    assert other.replica != first.replica and other.reason == "least_loaded"
+    # The prefix's replica far busier than the other: balance wins.
+    for _ in range(3):
+        router.started(first.replica)
+    busy = router.choose(system + "Q3")
+    assert busy.replica != first.replica and busy.reason == "balance"
+    # A failed replica is skipped and forgets its prefixes.
+    router.mark_down(first.replica)
+    assert router.choose(system + "Q4").replica != first.replica
+    assert router.stats()["prefix_entries"] == 0
+    with pytest.raises(LookupError):
+        router.choose("x", exclude=[0, 1])
+
+
+def test_routing_text_reads_chats_and_prompts() -> None:
+    turn1 = [{"role": "user", "content": "hi"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
+    t1 = routing_text("/v1/chat/completions", json.dumps({"messages": turn1}).encode())
+    t2 = routing_text("/v1/chat/completions", json.dumps({"messages": turn2}).encode())
+    assert t2.startswith(t1) and t1  # the next turn extends the conversation's prefix
+    assert routing_text("/v1/completions", b'{"prompt": "abc"}') == "abc"
+    assert routing_text("/v1/completions", b'{"prompt": ["abc", "d"]}') == "abc"
+    assert routing_text("/v1/completions", b"not json") == ""
+
+
+def test_merge_metrics_labels_every_replica() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    texts = {}
+    for replica, n in (("0", 3), ("1", 5)):
+        r = CollectorRegistry()
+        Counter("ttscale_generation_tokens", "tokens", registry=r).inc(n)
+        Histogram("ttscale_latency_seconds", "latency", registry=r).observe(0.1 * n)
+        texts[replica] = generate_latest(r).decode()
+    merged = merge_metrics(texts)
+    assert merged.count("# TYPE ttscale_generation_tokens counter") == 1
+    assert 'ttscale_generation_tokens_total{replica="0"} 3.0' in merged
+    assert 'ttscale_generation_tokens_total{replica="1"} 5.0' in merged
+    assert 'ttscale_latency_seconds_count{replica="1"} 1.0' in merged
+    assert "_created" not in merged
+
+
+def test_unreachable_address_fails_fast() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(RayClusterError, match=r"cannot reach a Ray cluster.*ray start --head"):
+        probe_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5
+
+
+def test_cli_without_ray_names_the_extra(tmp_path) -> None:
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps(PROBLEMS[0]) + "\n")
+    code = f"""
+import sys
+sys.modules["ray"] = None
+from ttscale.cli import app
+app(["eval", "--ray", "--task", {str(task)!r}, "-n", "1", "-s", "greedy", "-o", {str(tmp_path)!r}])
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'ttscale[ray]'" in " ".join(proc.stderr.split())
+
+
+# ---- one local cluster ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test tasks
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "gsm.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS), encoding="utf-8")
+    return path
+
+
+def worker_config(model_dir: Path) -> WorkerConfig:
+    return WorkerConfig(str(model_dir), num_threads=1, engine_options=ENGINE)
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in row.items() if not any(part in k for part in ENGINE_DEPENDENT)}
+        for row in rows
+    ]
+
+
+def same_results(record: dict) -> tuple:
+    cands = [(c["text"], c["answer"], c["tokens"], c["correct"]) for c in record["candidates"]]
+    return (record["answer"], record["correct"], record["votes"], cands, record["generated_tokens"])
+
+
+def load(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / RECORDS_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="class")
+def pool(cluster, model_dir):
+    """Two engine actors x 1 CPU: the whole cluster, given back when the class ends."""
+    with EnginePool(worker_config(model_dir), 2, max_restarts=2) as pool:
+        yield pool
+
+
+class TestEval:
+    def test_two_workers_match_one_process(self, pool, model_dir, task_file, tmp_path) -> None:
+        task = LengthModTask(task_file)
+        specs = ["greedy", "majority@4"]
+        options = dict(params=PARAMS, hygiene=Hygiene(enabled=False), concurrency=2)
+        local = run_eval_local(
+            tiny_llm(model_dir, num_threads=2), task, specs, 6, tmp_path / "one", progress=False,
+            **options,
+        )  # fmt: skip
+        dist = run_eval(pool, task, specs, 6, tmp_path / "ray", progress=False, **options)
+        assert strip(dist["strategies"]) == strip(local["strategies"])
+        assert dist["settings"] == local["settings"]
+        one = {(r["strategy"], r["problem_id"]): r for r in load(tmp_path / "one")}
+        two = {(r["strategy"], r["problem_id"]): r for r in load(tmp_path / "ray")}
+        assert one.keys() == two.keys() and len(one) == 12
+        for key, r in two.items():
+            assert same_results(r) == same_results(one[key]), key
+            assert r["flops"] > 0 and r["bytes"] > 0 and r["amortized_time"] > 0
+        # Both workers ran problems; the summary's totals add every worker's cost.
+        per_worker = dist["cluster"]["per_worker"]
+        assert len(per_worker) == 2 and all(w["problems"] > 0 for w in per_worker.values())
+        for row in dist["strategies"]:
+            rs = [r for r in two.values() if r["strategy"] == row["strategy"]]
+            assert row["total_flops"] == pytest.approx(sum(r["flops"] for r in rs))
+        assert sum(w["flops"] for w in per_worker.values()) == pytest.approx(
+            sum(r["flops"] for r in two.values())
+        )
+        # Resuming a finished run sends nothing and changes nothing.
+        again = run_eval(pool, task, specs, 6, tmp_path / "ray", progress=False, **options)
+        assert strip(again["strategies"]) == strip(dist["strategies"])
+        assert len(load(tmp_path / "ray")) == 12
+
+    def test_killed_worker_reruns_its_chunk(self, pool, task_file, tmp_path) -> None:
+        problems = LengthModTask(task_file).problems(6)
+        task = CrashOnceTask(task_file, tmp_path / "crashed", crash_on=problems[3].id)
+        summary = run_eval(
+            pool, task, ["greedy"], 6, tmp_path / "out", params=PARAMS,
+            hygiene=Hygiene(enabled=False), concurrency=1, progress=False,
+        )  # fmt: skip
+        assert (tmp_path / "crashed").exists()  # a worker did die
+        records = load(tmp_path / "out")
+        assert sorted(r["problem_id"] for r in records) == sorted(p.id for p in problems)
+        assert summary["strategies"][0]["n"] == 6
+        # The pool goes on with the restarted actor.
+        assert len(pool.solve_many(["a", "b", "c"], "majority@2", params=PARAMS)) == 3
+
+
+def test_eval_bad_input_fails_at_start(cluster, model_dir, tmp_path) -> None:
+    with pytest.raises(RayClusterError, match="need 3 CPUs but the cluster has 2"):
+        EnginePool(worker_config(model_dir), 3)
+    with pytest.raises(RayClusterError, match=r"failed to load the model.*does not exist"):
+        EnginePool(WorkerConfig(str(tmp_path / "missing")), 1, ready_timeout_s=120)
