@@ -464,6 +464,77 @@ def test_strategy_cost_profile() -> None:
             strategy_cost_profile(bad)
 
 
+# ------------------------------------------------------------------ sparse / quantized KV
+
+
+def test_block_search_and_skipped_pairs_priced_by_hand(tiny: ModelShape) -> None:
+    # tiny: L=2, H=2, Hkv=1, d=4. A decode row at context 40 that read 20 of its tokens on
+    # average over layers (skipped 20) and scored 5 block means per layer.
+    dense = StepShape((1,), (40,))
+    sparse = StepShape((1,), (40,), kv_tokens_read=20, kv_blocks_scored=5, kv_tokens_skipped=20)
+    d, s = step_cost(tiny, dense, 2, 2), step_cost(tiny, sparse, 2, 2)
+    # Attention 4*L*H*d = 64 FLOPs per pair: 20 fewer pairs; search 2*L*Hkv*d = 16 per block.
+    assert d.flops - s.flops == 64 * 20 - 16 * 5
+    # KV read: 20 fewer tokens * 2*L*Hkv*d*2 B = 32 B each, plus 5 fp32 means * L*Hkv*d*4 B.
+    assert d.bytes_kv_read - s.bytes_kv_read == 20 * 32 - 5 * 2 * 4 * 4
+    with pytest.raises(ValueError, match="kv_tokens_skipped"):
+        StepShape((1,), (4,), kv_tokens_skipped=5)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_sparse_estimate_matches_step_by_step(tiny: ModelShape, share: bool) -> None:
+    # 2 layers, 1 sparse: prompt 30, 200 new tokens, budget 32 in blocks of 4 binds from
+    # context 33 on (decode step 3).
+    run = RunSpec(30, 200, 3, share, None, 4, 32, 2, 1)
+    est = estimate(tiny, 30, 200, 3, TOY, share, "bf16", block_size=4, kv_budget=32)
+    _, dec, t = estimate_by_steps(tiny, run, TOY, "bf16")
+    for field in ("flops", "bytes_weights", "bytes_kv_read", "bytes_kv_write", "bytes_activations"):
+        assert getattr(est.decode.cost, field) == pytest.approx(getattr(dec, field), rel=1e-12)
+    assert est.time == pytest.approx(t, rel=1e-12)
+    # Sparse rows read per row (no shared-prefix pass) plus the block means: it pays once
+    # contexts are several budgets long.
+    dense = estimate(tiny, 30, 200, 3, TOY, share, "bf16", block_size=4)
+    assert est.decode.cost.bytes_kv_read < dense.decode.cost.bytes_kv_read
+    assert est.decode.cost.flops < dense.decode.cost.flops
+    # A budget the context never exceeds is dense.
+    loose = estimate(tiny, 30, 200, 3, TOY, share, "bf16", block_size=4, kv_budget=256)
+    assert loose.decode.cost == dense.decode.cost
+
+
+def test_analytic_sparse_step_counts_what_the_engine_reads(model_dir) -> None:
+    """The engine's last decode step under block top-k (tiny model: 2 layers, layer 0 dense,
+    blocks of 4, n=3 samples of a 35-token prompt) is the step `decode_step` prices."""
+    from tests.conftest import tiny_llm
+    from ttscale.sampling.params import SamplingParams
+
+    llm = tiny_llm(model_dir, sparse_attention="block_topk", kv_budget=24, sparse_window=8)
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=40, ignore_eos=True)
+    llm.generate([list(range(5, 40))], params, use_tqdm=False)
+    step = llm.engine.last_step
+    run = RunSpec(35, 40, 3, True, None, 4, 24, 2, 1)
+    assert step == analytic.decode_step(run, 39)
+
+
+def test_cli_cost_sparse_and_kv_dtype() -> None:
+    args = ["cost", "-p", "512", "-g", "2048", "--strategy", "majority@16", "--json"]
+    dense = json.loads(runner.invoke(cost_app, args).stdout)
+    result = runner.invoke(
+        cost_app, [*args, "--sparse", "block_topk", "--kv-budget", "256", "--kv-dtype", "int8"]
+    )
+    assert result.exit_code == 0, result.output
+    sparse = json.loads(result.stdout)
+    assert sparse["kv_budget"] == 256 and sparse["kv_bytes"] == pytest.approx(68 / 64)
+    assert sparse["peak_kv_bytes"] == pytest.approx(dense["peak_kv_bytes"] * 68 / 128)
+    assert sparse["total"]["efflops"] < dense["total"]["efflops"]
+    for bad in (
+        ["--kv-dtype", "int3"],
+        ["--sparse", "quest"],
+        ["--sparse", "block_topk", "--kv-budget", "16"],
+    ):
+        out = runner.invoke(cost_app, [*args, *bad])
+        assert out.exit_code == 2, out.output
+
+
 # ----------------------------------------------------------------------------- CLI
 
 runner = CliRunner()

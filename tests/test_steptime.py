@@ -71,6 +71,14 @@ def test_overhead_features_by_hand() -> None:
     assert x["prefill_attention_flop"] == per_pair * 30
     assert x["decode_attention_flop"] == 0
     assert x["kv_gathered_byte"] == 8 * kv_token and x["kv_shared_byte"] == 0
+    # Block top-k: 3 rows at context 40 read 24 tokens each on one of the 2 layers, so
+    # per layer (mean) 3 * 8 tokens are skipped; attention FLOPs follow the pairs read.
+    sparse = StepShape(
+        (1, 1, 1), (40, 40, 40), kv_tokens_read=96, kv_blocks_scored=15, kv_tokens_skipped=24
+    )
+    x = dict(zip(FEATURES, overhead_features(TINY, sparse, kv_bytes=4), strict=True))
+    assert x["decode_attention_flop"] == per_pair * (3 * 40 - 24)
+    assert x["kv_gathered_byte"] == 96 * kv_token
 
 
 def test_step_shape_rejects_bad_sharing() -> None:

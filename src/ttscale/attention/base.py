@@ -78,7 +78,8 @@ class PagedAttentionBase:
         # KV token slots read per layer this step (mean over layers); the cascade path lowers
         # it, reading `kv_tokens_shared` of them once for `shared_groups` fork groups, and
         # block top-k lowers it on its layers.
-        self.kv_tokens_read = sum(meta.context_lens) - round(self._sparse_saving())
+        self.kv_tokens_skipped = round(self._sparse_saving())
+        self.kv_tokens_read = sum(meta.context_lens) - self.kv_tokens_skipped
         self.kv_tokens_shared = 0
         self.shared_groups = 0
         # Block mean keys scored per layer this step (mean over layers): the block-search read.

@@ -40,10 +40,13 @@ from ttscale.cost.hardware import (
     normalize_dtype,
     roofline_time,
 )
-from ttscale.cost.pricing import LOGIT_BYTES, StepCost, step_cost
+from ttscale.cost.pricing import BLOCK_MEAN_BYTES, LOGIT_BYTES, StepCost, step_cost
 from ttscale.cost.shapes import ModelShape, StepShape
 from ttscale.cost.steptime import StepTimeModel
 from ttscale.strategy_spec import StrategySpec, parse_strategy_spec
+
+# The engine's default KV block size, which block top-k reads in (CacheConfig.block_size).
+SPARSE_BLOCK = 16
 
 # --------------------------------------------------------------------------- strategies
 
@@ -129,8 +132,26 @@ class RunSpec:
     # share_prefix). Sharing memory but gathering per sequence gives read_prefix_once=False.
     read_prefix_once: bool | None = None
     block_size: int | None = None  # None: sharing at token granularity
+    # Block top-k sparse decode (attention/sparse.py): each sample's decode row reads at most
+    # `kv_budget` tokens (whole blocks of `block_size`, default 16) on `sparse_layers` of
+    # `num_layers` layers, once its context exceeds the budget. None: dense.
+    kv_budget: int | None = None
+    num_layers: int | None = None
+    sparse_layers: int | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_budget is not None:
+            if self.num_layers is None or self.sparse_layers is None:
+                raise ValueError("invalid run: kv_budget needs num_layers and sparse_layers")
+            if not 0 <= self.sparse_layers <= self.num_layers:
+                raise ValueError("invalid run: sparse_layers must be in [0, num_layers]")
+            if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, int):
+                raise ValueError(f"invalid run: kv_budget={self.kv_budget!r} must be an integer")
+            if self.kv_budget < 2 * (self.block_size or SPARSE_BLOCK):
+                raise ValueError(
+                    f"invalid run: kv_budget={self.kv_budget} must hold at least the sink and "
+                    "the current block"
+                )
         for f in ("prompt_len", "gen_len", "num_samples"):
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -179,6 +200,20 @@ class RunSpec:
         return self._slots(s) + self.num_samples * self._slots(end - s)
 
 
+def sparse_reads(run: RunSpec, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample and sparse layer at each context: (tokens read, blocks scored), as the
+    engine counts them. A row whose context fits the budget reads densely and scores
+    nothing; past it, it reads its budget in whole blocks (the current block's unwritten
+    tail is not read) and scores every block of its context (Kinetics Eq. 9's search)."""
+    assert run.kv_budget is not None
+    b = run.block_size or SPARSE_BLOCK
+    blocks = -(-context // b)
+    keep = np.minimum(run.kv_budget // b, blocks)
+    sparse = context > run.kv_budget
+    read = np.where(sparse, keep * b - (blocks * b - context), context)
+    return read, np.where(sparse, blocks, 0)
+
+
 def prefill_step(run: RunSpec) -> StepShape:
     """The prefill: the prompt once (sharing) or N times (no sharing)."""
     p = run.prompt_len
@@ -191,6 +226,8 @@ def decode_step(run: RunSpec, j: int) -> StepShape:
     if not 1 <= j <= run.decode_steps:
         raise ValueError(f"decode step {j} outside 1..{run.decode_steps}")
     n, c = run.num_samples, run.prompt_len + j
+    if run.kv_budget is not None and c > run.kv_budget:
+        return _sparse_decode_step(run, c)
     if run.read_prefix_once and n > 1 and run.shared_tokens:
         s = run.shared_tokens
         return StepShape(
@@ -202,6 +239,27 @@ def decode_step(run: RunSpec, j: int) -> StepShape:
             shared_groups=1,
         )
     return StepShape((1,) * n, (c,) * n, kv_tokens_read=n * c, num_logits=n)
+
+
+def _sparse_decode_step(run: RunSpec, c: int) -> StepShape:
+    """A decode step past the budget: dense layers read as dense (prefix once), sparse
+    layers read each row's budget; per-layer counts are means over layers."""
+    n = run.num_samples
+    assert run.num_layers is not None and run.sparse_layers is not None
+    f = run.sparse_layers / run.num_layers
+    read, scored = (int(x[0]) for x in sparse_reads(run, np.array([c])))
+    s = run.shared_tokens if run.read_prefix_once and n > 1 else 0
+    dense_read = s + n * (c - s)
+    return StepShape(
+        (1,) * n,
+        (c,) * n,
+        kv_tokens_read=round((1 - f) * dense_read + f * n * read),
+        num_logits=n,
+        kv_tokens_shared=round((1 - f) * s),
+        shared_groups=1 if s else 0,
+        kv_blocks_scored=round(f * n * scored),
+        kv_tokens_skipped=round(f * n * (c - read)),
+    )
 
 
 def run_steps(run: RunSpec) -> list[StepShape]:
@@ -307,6 +365,8 @@ class Estimate:
             "share_prefix": self.run.share_prefix,
             "read_prefix_once": self.run.read_prefix_once,
             "block_size": self.run.block_size,
+            "kv_budget": self.run.kv_budget,
+            "sparse_layers": self.run.sparse_layers,
             "weight_bytes_per_param": self.weight_bytes_per_param,
             "kv_bytes": self.kv_bytes,
             "phases": {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict()},
@@ -371,13 +431,17 @@ def estimate(
     kv_bytes: float | None = None,
     strategy: StrategyCostProfile | None = None,
     step_model: StepTimeModel | None = None,
+    kv_budget: int | None = None,
+    sparse_dense_layers: int = 1,
 ) -> Estimate:
     """Price N parallel samples of one prompt (see the module docstring for the steps).
 
     dtype sets the compute rate and, unless overridden, the bytes per weight and per KV
     element (e.g. weight_bytes_per_param=0.5625 for 4.5-bit quantised weights).
     With a `step_model` calibrated for this shape, each phase also carries the wall time the
-    engine is predicted to take on that machine.
+    engine is predicted to take on that machine. `kv_budget`: block top-k sparse decode on
+    all but `sparse_dense_layers` layers (see `RunSpec`); `kv_bytes` then prices a
+    quantized KV format (kvcache.quant.kv_bytes_per_value).
     """
     if step_model is not None and not step_model.matches(shape, normalize_dtype(dtype)):
         raise ValueError(
@@ -387,7 +451,18 @@ def estimate(
     dtype = normalize_dtype(dtype)
     wb = float(DTYPE_BYTES[dtype] if weight_bytes_per_param is None else weight_bytes_per_param)
     kb = float(DTYPE_BYTES[dtype] if kv_bytes is None else kv_bytes)
-    run = RunSpec(prompt_len, gen_len, num_samples, share_prefix, read_prefix_once, block_size)
+    sparse_layers = max(0, shape.layers - sparse_dense_layers)
+    run = RunSpec(
+        prompt_len,
+        gen_len,
+        num_samples,
+        share_prefix,
+        read_prefix_once,
+        block_size,
+        kv_budget,
+        shape.layers if kv_budget is not None else None,
+        sparse_layers if kv_budget is not None else None,
+    )
     p, n, d_steps = run.prompt_len, run.num_samples, run.decode_steps
 
     # Prefill: a single step, priced directly.
@@ -437,8 +512,15 @@ def estimate(
         + n * kv_tok
         + n * shape.vocab * LOGIT_BYTES
     )
+    if run.kv_budget is not None:
+        decode_cost, step_flops, step_bytes = _sparse_decode(shape, run, wb, kv_tok)
     decode_predicted = None
-    if step_model is not None:
+    if step_model is not None and run.kv_budget is not None:
+        # Not affine in j once the budget binds: sum the steps.
+        decode_predicted = sum(
+            step_model.predict(decode_step(run, jj)) for jj in range(1, d_steps + 1)
+        )
+    elif step_model is not None:
         # A decode step's predicted time is affine in j (fixed matmul rows, KV reads and
         # attention pairs linear in the context), so the sum over j = 1..D is D times the
         # mean of its ends.
@@ -471,6 +553,47 @@ def estimate(
         memory_bytes=hw.memory_bytes,
         strategy=strategy,
     )
+
+
+def _sparse_decode(
+    shape: ModelShape, run: RunSpec, wb: float, kv_tok: float
+) -> tuple[StepCost, np.ndarray, np.ndarray]:
+    """Decode under block top-k, per step j as `decode_step` counts it (vectorised over j):
+    dense layers read the context (prefix once), sparse layers the budget once the context
+    exceeds it, plus the block search (Eq. 9): each scored block's fp32 mean key read and
+    dotted with the group's mean query."""
+    assert run.num_layers is not None and run.sparse_layers is not None
+    n, p, d_steps = run.num_samples, run.prompt_len, run.decode_steps
+    f = run.sparse_layers / run.num_layers
+    j = np.arange(1, d_steps + 1, dtype=np.float64)
+    c = p + j
+    read, scored = sparse_reads(run, c)
+    s = run.shared_tokens if run.read_prefix_once and n > 1 else 0
+    dense_read = s + n * (c - s)
+    sparse = c > run.kv_budget  # type: ignore[operator]
+    kv_read = np.where(sparse, np.round((1 - f) * dense_read + f * n * read), dense_read)
+    pairs = n * c - np.where(sparse, np.round(f * n * (c - read)), 0)
+    blocks = np.where(sparse, np.round(f * n * scored), 0)
+    attn = 4 * shape.layers * shape.heads * shape.head_dim
+    search = 2 * shape.layers * shape.kv_heads * shape.head_dim
+    per_token_linear = 2 * shape.linear_params_nonlm + 2 * shape.lm_head_params
+    block_bytes = shape.layers * shape.kv_dim * BLOCK_MEAN_BYTES
+    step_flops = per_token_linear * n + attn * pairs + search * blocks
+    kv_bytes_read = kv_read * kv_tok + blocks * block_bytes
+    step_bytes = (
+        shape.linear_params_per_token * wb
+        + kv_bytes_read
+        + n * kv_tok
+        + n * shape.vocab * LOGIT_BYTES
+    )
+    cost = StepCost(
+        flops=float(step_flops.sum()),
+        bytes_weights=float(shape.linear_params_per_token * d_steps) * wb,
+        bytes_kv_read=float(kv_bytes_read.sum()),
+        bytes_kv_write=n * d_steps * kv_tok,
+        bytes_activations=float(n * d_steps * shape.vocab * LOGIT_BYTES),
+    )
+    return cost, step_flops, step_bytes
 
 
 def estimate_by_steps(

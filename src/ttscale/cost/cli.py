@@ -11,14 +11,17 @@ import math
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ttscale.cost.analytic import Estimate, estimate, strategy_cost_profile
+from ttscale.cost.analytic import SPARSE_BLOCK, Estimate, estimate, strategy_cost_profile
 from ttscale.cost.hardware import Hardware, load_hardware, local_profile_name, normalize_dtype
 from ttscale.cost.shapes import ModelShape, load_shape
 from ttscale.cost.steptime import StepTimeModel, find_step_model
+from ttscale.kvcache.config import CacheConfig, canonical_kv_format, check_sparse
+from ttscale.kvcache.quant import kv_bytes_per_value
 
 _out = Console()
 _err = Console(stderr=True)
@@ -64,6 +67,8 @@ def _print_estimate(est: Estimate, hw: Hardware, step_model: StepTimeModel | Non
         f"{strategy.spec if strategy else ''} N={run.num_samples}, "
         f"prompt {run.prompt_len} + gen {run.gen_len} tokens, "
         f"prefix {'shared' if run.share_prefix else 'not shared'}"
+        + (f", block top-k B={run.kv_budget}" if run.kv_budget is not None else "")
+        + f", KV {est.kv_bytes:.3g} B/value"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("")
@@ -174,6 +179,20 @@ def cost(
             "'none', or a JSON file."
         ),
     ] = "auto",
+    sparse: Annotated[
+        str,
+        typer.Option(help="Decode attention: dense or block_topk (Kinetics block top-k)."),
+    ] = "dense",
+    kv_budget: Annotated[
+        int, typer.Option(help="Block top-k: KV tokens each sample reads per decode step.")
+    ] = 256,
+    sparse_dense_layers: Annotated[
+        int, typer.Option(help="Block top-k: layers kept dense (the engine's default: 1).")
+    ] = 1,
+    kv_dtype: Annotated[
+        str,
+        typer.Option(help="KV cache format: auto (the compute dtype), bf16, fp16, fp32, int8."),
+    ] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Price a test-time-scaling run (FLOPs, bytes, roofline time, KV memory) without running
@@ -183,6 +202,7 @@ def cost(
         hw = load_hardware(hardware, profile_dir)
         strat = strategy_cost_profile(strategy)
         steps = _step_model(step_model, shape, dtype, hw, profile_dir)
+        budget = _sparse_budget(sparse, kv_budget, block_size)
         est = estimate(
             shape,
             prompt_len,
@@ -195,6 +215,9 @@ def cost(
             weight_bytes_per_param=weight_bytes,
             strategy=strat,
             step_model=steps,
+            kv_budget=budget,
+            sparse_dense_layers=sparse_dense_layers,
+            kv_bytes=_kv_bytes(kv_dtype, shape, dtype),
         )
     except (ValueError, FileNotFoundError) as e:
         raise fail(str(e)) from None
@@ -205,6 +228,22 @@ def cost(
         typer.echo(json.dumps(data, indent=2))
     else:
         _print_estimate(est, hw, steps)
+
+
+def _sparse_budget(policy: str, budget: int, block_size: int | None) -> int | None:
+    """The budget to price, None for dense; the engine's own checks and messages."""
+    window = CacheConfig().sparse_window  # the engine's default local window
+    check_sparse(policy, budget, block_size or SPARSE_BLOCK, window, "--sparse")
+    return budget if policy == "block_topk" else None
+
+
+def _kv_bytes(kv_dtype: str, shape: ModelShape, dtype: str) -> float | None:
+    """Bytes per K/V value of a KV format (scales included); None: the compute dtype's."""
+    fmt = canonical_kv_format(kv_dtype, "--kv-dtype")
+    if fmt == "auto":
+        return None
+    compute = {"fp32": torch.float32, "fp16": torch.float16}.get(normalize_dtype(dtype))
+    return kv_bytes_per_value(fmt, shape.head_dim, compute or torch.bfloat16)
 
 
 def _step_model(

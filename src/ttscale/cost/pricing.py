@@ -24,6 +24,8 @@ from ttscale.cost.shapes import ModelShape, StepShape
 
 # Logits leave the model in fp32 whatever the weight dtype (samplers need the precision).
 LOGIT_BYTES = 4
+# Block top-k keeps each block's mean key in fp32 (kvcache/pool.py).
+BLOCK_MEAN_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -91,18 +93,25 @@ def step_cost(
     FLOPs (a multiply-add is 2 FLOPs):
         linear     2 * P_nonlm * T             every new token through every block matmul
         lm_head    2 * D * V * num_logits      only rows that are sampled
-        attention  4 * L * H * d * A           A = step.attended_pairs; per (query, key) pair
-                                               and head: 2*d for q.k plus 2*d for p*v. Counts
-                                               the causal half only (what flash-style kernels
-                                               do); softmax, norms, RoPE, SiLU are O(T*D) and
+        attention  4 * L * H * d * A           A = step.attended_pairs_read; per (query,
+                                               key) pair and head: 2*d for q.k plus 2*d for
+                                               p*v. Counts the causal half only (what
+                                               flash-style kernels do), less the pairs block
+                                               top-k skipped (Kinetics Eq. 8: a sparse row
+                                               attends to ~budget keys, not its context);
+                                               softmax, norms, RoPE, SiLU are O(T*D) and
                                                ignored.
+        block search 2 * L * Hkv * d * Bs      Bs = step.kv_blocks_scored: each scored block's
+                                               mean key against the group's mean query
+                                               (Kinetics Eq. 9: ~context / block_size per row).
     Bytes:
         weights    (P_nonlm + D*V if num_logits else 0) * weight_bytes_per_param
                    every matmul weight read once per step at its stored precision, whatever
                    the batch: the term that dominates at small batch (Kinetics drops it).
                    The embedding rows gathered (T*D) are negligible and not counted, nor are
                    norms and biases.
-        KV read    kv_tokens_read * 2*L*Hkv*d * kv_bytes
+        KV read    kv_tokens_read * 2*L*Hkv*d * kv_bytes   (kv_bytes: per value, scales of a
+                   quantized format included)  +  Bs * L*Hkv*d * 4   (fp32 block mean keys)
         KV write   T * 2*L*Hkv*d * kv_bytes    the new tokens' K and V
         logits     num_logits * V * 4          written in fp32
                    Hidden states between layers are not counted: at decode they are
@@ -119,14 +128,18 @@ def step_cost(
     flops = (
         2 * shape.linear_params_nonlm * tokens
         + 2 * lm * num_logits
-        + 4 * shape.layers * shape.heads * shape.head_dim * step.attended_pairs
+        + 4 * shape.layers * shape.heads * shape.head_dim * step.attended_pairs_read
+        + 2 * shape.layers * shape.kv_heads * shape.head_dim * step.kv_blocks_scored
     )
     weights_read = shape.linear_params_nonlm + (lm if num_logits else 0)
     kv_token = shape.kv_bytes_per_token(kv_bytes)
     return StepCost(
         flops=float(flops),
         bytes_weights=float(weights_read * weight_bytes_per_param),
-        bytes_kv_read=float(step.kv_tokens_read * kv_token),
+        bytes_kv_read=float(
+            step.kv_tokens_read * kv_token
+            + step.kv_blocks_scored * shape.layers * shape.kv_dim * BLOCK_MEAN_BYTES
+        ),
         bytes_kv_write=float(tokens * kv_token),
         bytes_activations=float(num_logits * shape.vocab * LOGIT_BYTES),
     )

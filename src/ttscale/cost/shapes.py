@@ -225,7 +225,10 @@ class StepShape:
                      Bytes do not depend on the split, time does (see steptime.py).
     shared_groups:   fork groups whose prefix was read once this step.
     kv_blocks_scored: block mean keys block top-k scored per layer (mean over layers): the
-                     block search's read (Kinetics Eq. 9); its reads are in kv_tokens_read.
+                     block search (Kinetics Eq. 9).
+    kv_tokens_skipped: context tokens block top-k rows did not attend to, per layer (mean
+                     over layers): the attention pairs sparse attention saves (Eq. 8).
+                     kv_tokens_read already counts only what was read.
     """
 
     query_lens: tuple[int, ...]
@@ -235,6 +238,7 @@ class StepShape:
     kv_tokens_shared: int = 0
     shared_groups: int = 0
     kv_blocks_scored: int = 0
+    kv_tokens_skipped: int = 0
 
     def __post_init__(self) -> None:
         q = tuple(self.query_lens)
@@ -259,7 +263,7 @@ class StepShape:
             raise ValueError(f"invalid step: kv_tokens_read={self.kv_tokens_read!r}")
         elif self.kv_tokens_read < 0:
             raise ValueError(f"invalid step: kv_tokens_read={self.kv_tokens_read} must be >= 0")
-        for f in ("kv_tokens_shared", "shared_groups", "kv_blocks_scored"):
+        for f in ("kv_tokens_shared", "shared_groups", "kv_blocks_scored", "kv_tokens_skipped"):
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"invalid step: {f}={value!r} must be an integer >= 0")
@@ -267,6 +271,11 @@ class StepShape:
             raise ValueError(
                 f"invalid step: kv_tokens_shared={self.kv_tokens_shared} exceeds "
                 f"kv_tokens_read={self.kv_tokens_read}"
+            )
+        if self.kv_tokens_skipped > self.attended_pairs:
+            raise ValueError(
+                f"invalid step: kv_tokens_skipped={self.kv_tokens_skipped} exceeds the "
+                f"attended pairs {self.attended_pairs}"
             )
         if self.num_logits is None:
             object.__setattr__(self, "num_logits", len(q))
@@ -294,3 +303,9 @@ class StepShape:
             q * c - q * (q - 1) // 2
             for q, c in zip(self.query_lens, self.context_lens, strict=True)
         )
+
+    @property
+    def attended_pairs_read(self) -> int:
+        """(query, key) pairs attention computed: the causal pairs less those block top-k
+        skipped (per layer, mean over layers)."""
+        return self.attended_pairs - self.kv_tokens_skipped

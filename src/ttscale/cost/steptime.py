@@ -69,7 +69,11 @@ def overhead_features(shape: ModelShape, step: StepShape, kv_bytes: float) -> np
     assert step.kv_tokens_read is not None  # set in StepShape.__post_init__
     kv_token = shape.kv_bytes_per_token(kv_bytes)
     per_pair = 4 * layers * shape.heads * shape.head_dim  # FLOPs per (query, key) pair
+    # Pairs block top-k skipped belong to one-token rows (prefill stays dense). Its block
+    # search and per-head gathers have no feature of their own yet: they are priced as
+    # gathered KV bytes and decode attention FLOPs.
     decode_pairs = sum(c for q, c in zip(step.query_lens, step.context_lens, strict=True) if q == 1)
+    decode_pairs -= step.kv_tokens_skipped
     return np.array(
         [
             1.0,

@@ -80,6 +80,7 @@ class ModelRunner:
             kv_tokens_shared=attn.kv_tokens_shared,
             shared_groups=attn.shared_groups,
             kv_blocks_scored=attn.kv_blocks_scored,
+            kv_tokens_skipped=attn.kv_tokens_skipped,
         )
         if logit_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])

@@ -16,12 +16,11 @@ KV_CACHE_DTYPES = ("auto", *FLOAT_FORMATS, *_ALIASES, *QUANT_FORMATS)
 SPARSE_POLICIES = ("dense", "block_topk")
 
 
-def canonical_kv_format(name: str) -> str:
-    """'bf16' -> 'bfloat16'; ValueError naming the allowed values for an unknown name."""
+def canonical_kv_format(name: str, what: str = "kv_cache_dtype") -> str:
+    """'bf16' -> 'bfloat16'; ValueError naming the option (`what`) and the allowed values
+    for an unknown name."""
     if name not in KV_CACHE_DTYPES:
-        raise ValueError(
-            f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}"
-        )
+        raise ValueError(f"{what} must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
     return _ALIASES.get(name, name)
 
 
