@@ -36,8 +36,21 @@ def _query(llm):
     )
 
 
-def _run(llm, spec: str, watched: bool):
+class HiddenStateScorer:
+    """Scores from hidden states over the branches' KV (as the probe does): its embedding
+    rows are engine sequences of the same requests, but not branches of the tree."""
+
+    name = "hidden"
+
+    def score(self, ctx, branches):
+        states = yield from ctx.session.embed_last(branches, [0])
+        return [0.0 if h is None else float(h.float().mean()) for h in states]
+
+
+def _run(llm, spec: str, watched: bool, scorer=None):
     q = _query(llm)
+    if scorer is not None:
+        q.scorer = scorer
     events: list[Event] = []
     session = Session(llm.engine, q.prompt_token_ids, observer=events.append if watched else None)
     gen = make_strategy(spec).solve(session, q)
@@ -92,6 +105,14 @@ def test_majority_events_and_vote_histogram(llm):
     assert events[-2]["votes"] == result.votes
     tokens = [e for e in events if e["kind"] == "tokens"]
     assert {e["seq"] for e in tokens} >= {s["seq"] for s in steps}
+
+
+def test_scorer_rows_are_not_reported_as_branches(llm):
+    _, events = _run(llm, "beam@4/2", watched=True, scorer=HiddenStateScorer())
+    steps = {e["seq"] for e in events if e["kind"] == "step"}
+    forked = {c for e in events if e["kind"] == "fork" for c in e["children"]}
+    progressed = {e["seq"] for e in events if e["kind"] == "tokens"}
+    assert progressed and progressed <= steps | forked
 
 
 @pytest.mark.parametrize("spec", ["beam@4/2", "majority@4"])

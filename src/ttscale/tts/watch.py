@@ -32,6 +32,8 @@ class _Watch:
         # exist): report all of the request's sequences.
         sequences = {s.seq_id: s for w in waited for s in (*w.request.sequences, w)}
         for seq in sequences.values():
+            if seq.embed_only:  # a scorer's hidden-state row, not a branch of the tree
+                continue
             tokens = seq.num_step_tokens
             text = seq.detokenizer.text
             last_tokens, last_len = self.seen.get(seq.seq_id, (0, 0))

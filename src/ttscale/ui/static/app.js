@@ -317,7 +317,17 @@ function renderDetail(n) {
 
 function renderVote(e) {
   const box = $("#vote");
-  const entries = Object.entries(e.votes).sort((a, b) => b[1] - a[1]);
+  let entries = Object.entries(e.votes).sort((a, b) => b[1] - a[1]);
+  let note = null;
+  if (!entries.length && tree) {
+    // A strategy that selects by score has no vote: show its candidates' answers instead.
+    const counts = {};
+    for (const n of tree.nodes.values()) {
+      if (n.state === "finished" && n.answer !== null && n.answer !== undefined) counts[n.answer] = (counts[n.answer] || 0) + 1;
+    }
+    entries = Object.entries(counts).sort((a, b) => b[1] - a[1]);
+    if (entries.length) note = "candidates' answers (this strategy selects by score, not by vote)";
+  }
   const dropped = Object.entries(e.extra.dropped || {}).map(([k, v]) => `${v} ${k}`).join(", ");
   if (!entries.length) {
     const cands = tree ? [...tree.nodes.values()].filter((n) => n.answer !== undefined) : [];
@@ -335,7 +345,7 @@ function renderVote(e) {
       el("span", { class: "count" }, fmt(v, 3)));
     return row;
   });
-  const extra = [];
+  const extra = note ? [el("p", { class: "sub" }, note)] : [];
   if (e.extra.tie) extra.push(el("p", { class: "sub" }, "tie between " + e.extra.tied.join(", ")));
   if (dropped) extra.push(el("p", { class: "sub" }, "excluded: " + dropped));
   box.replaceChildren(...bars, ...extra);
@@ -534,10 +544,15 @@ function drawPareto() {
     parts.push(el("line", { x1: L, y1: sy(a), x2: W - R, y2: sy(a), class: "gridline" }));
     parts.push(el("text", { x: L - 6, y: sy(a) + 4, "text-anchor": "end" }, `${Math.round(a * 100)}%`));
   }
-  for (let e = Math.ceil(x0); e <= Math.floor(x1); e++) {
-    const v = 10 ** e;
-    parts.push(el("line", { x1: sx(v), y1: H - B, x2: sx(v), y2: H - B + 4, class: "axis" }));
-    parts.push(el("text", { x: sx(v), y: H - B + 16, "text-anchor": "middle" }, fmt(v, 2)));
+  // Ticks at 1, 2 and 5 per decade when the range is short, at powers of ten otherwise.
+  const mantissas = x1 - x0 < 2 ? [1, 2, 5] : [1];
+  for (let e = Math.floor(x0); e <= Math.ceil(x1); e++) {
+    for (const m of mantissas) {
+      const v = m * 10 ** e;
+      if (Math.log10(v) < x0 || Math.log10(v) > x1) continue;
+      parts.push(el("line", { x1: sx(v), y1: H - B, x2: sx(v), y2: H - B + 4, class: "axis" }));
+      parts.push(el("text", { x: sx(v), y: H - B + 16, "text-anchor": "middle" }, fmt(v, 2)));
+    }
   }
   parts.push(el("text", { x: (L + W - R) / 2, y: H - 8, "text-anchor": "middle" },
     key === "mean_flops" ? "FLOPs per problem (log)" : "seconds per problem (log)"));
@@ -552,12 +567,16 @@ function drawPareto() {
   let best = -1;
   const front = sorted.filter((s) => (s.accuracy > best ? ((best = s.accuracy), true) : false));
   parts.push(el("polyline", { points: front.map((s) => `${sx(s[key])},${sy(s.accuracy)}`).join(" "), class: "frontier" }));
-  for (const s of pts) {
+  const placed = []; // label positions so far: a label that would overlap one moves down
+  for (const s of [...pts].sort((a, b) => b.accuracy - a.accuracy)) {
     const x = sx(s[key]);
+    let ly = sy(s.accuracy) - 6;
+    while (placed.some(([px, py]) => Math.abs(px - x) < 90 && Math.abs(py - ly) < 12)) ly += 12;
+    placed.push([x, ly]);
     const g = el("g", { class: "point" });
     g.append(el("line", { x1: x, y1: sy(s.accuracy_lo ?? s.accuracy), x2: x, y2: sy(s.accuracy_hi ?? s.accuracy), class: "ci" }));
     g.append(el("circle", { cx: x, cy: sy(s.accuracy), r: 5 }));
-    g.append(el("text", { x: x + 7, y: sy(s.accuracy) - 6 }, s.strategy));
+    g.append(el("text", { x: x + 7, y: ly }, s.strategy));
     g.append(el("title", {}, `${s.strategy}: ${pct(s.accuracy)} [${pct(s.accuracy_lo)}, ${pct(s.accuracy_hi)}] at ${fmt(s[key])}`));
     parts.push(g);
   }
