@@ -82,6 +82,20 @@ def test_sampler_draws_only_allowed_tokens(temperature: float) -> None:
         assert tokens[0] == best
 
 
+def test_a_grammar_that_allows_nothing_ends_its_sample_and_spares_the_batch() -> None:
+    vocab = 100
+    params = SamplingParams(temperature=1.0)
+    rows = [
+        SamplingRow(
+            params, make_generator(0, 0), [], [], frozenset({7}), constraint=Allowed([set()])
+        ),
+        SamplingRow(
+            params, make_generator(0, 1), [], [], frozenset({7}), constraint=Allowed([{3}])
+        ),
+    ]
+    assert Sampler()(torch.randn(2, vocab), rows).token_ids == [7, 3]
+
+
 def test_rows_without_constraint_are_untouched() -> None:
     logits = torch.randn(2, 64)
     rows = [SamplingRow(SamplingParams(temperature=0), None, [], [])] * 2
@@ -173,6 +187,7 @@ def test_a_search_step_forked_with_a_grammar_follows_it(llm, compiler) -> None:
         (lambda c: c.ebnf("root ::= undefined_rule"), "grammar"),
         (lambda c: c.choice([]), "choices"),
         (lambda c: c.regex("a" * 70_000), "at most"),
+        (lambda c: c.ebnf("root ::= root"), "matches no string"),
     ],
 )
 def test_bad_grammars_are_one_line_errors(compiler, build, message) -> None:

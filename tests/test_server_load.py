@@ -30,7 +30,7 @@ HOSTILE = [
     {"model": MODEL, "prompt": "Hi", "max_tokens": 10**9},
     {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "seed": 2**64 + 5},
     {"model": MODEL, "prompt": "Hi", "ttscale": {"strategy": "majority@100000"}},
-    {"model": MODEL, "prompt": "Hi", "response_format": {"type": "json_object"}},
+    {"model": MODEL, "prompt": "Hi", "guided_regex": "(unclosed"},
     {"model": "gpt-4", "prompt": "Hi"},
 ]
 

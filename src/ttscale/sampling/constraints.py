@@ -49,12 +49,15 @@ class TokenConstraint(Protocol):
     constraint started has been passed to `advance`, in order."""
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Writes the allowed next tokens into ``bitmask[row]`` ((rows, ceil(V/32)) int32, CPU)."""
+        """Writes the allowed next tokens into ``bitmask[row]`` ((rows, ceil(V/32)) int32, CPU).
+        A row left all zero (a grammar that can go nowhere) ends the sample: the sampler then
+        allows only EOS, and `advance` must return True for it."""
         ...
 
     def advance(self, token_id: int) -> bool:
         """Accepts the sampled token; returns True once the grammar has terminated (its stop
-        token was accepted). Raises ValueError for a token the grammar does not allow."""
+        token was accepted, or it allowed nothing). Raises ValueError for a token the grammar
+        does not allow."""
         ...
 
     def fork(self) -> TokenConstraint:
@@ -85,21 +88,27 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 class _Matcher:
     """A `TokenConstraint` over an xgrammar `GrammarMatcher`."""
 
-    __slots__ = ("_m",)
+    __slots__ = ("_dead", "_m")
 
     def __init__(self, matcher: Any) -> None:
         self._m = matcher
+        self._dead = False
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._m.fill_next_token_bitmask(bitmask, row)
+        self._dead = not bool(bitmask[row].any())
 
     def advance(self, token_id: int) -> bool:
+        if self._dead:
+            return True
         if not self._m.accept_token(token_id):
             raise ValueError(f"token {token_id} is not allowed by the grammar here")
         return self._m.is_terminated()
 
     def fork(self) -> _Matcher:
-        return _Matcher(self._m.fork())
+        child = _Matcher(self._m.fork())
+        child._dead = self._dead
+        return child
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +145,7 @@ class GrammarCompiler:
                 "structured outputs need xgrammar: pip install 'ttscale[server]'"
             ) from e
         self._xgr = xgr
+        self._vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer.hf, vocab_size=vocab_size, stop_token_ids=sorted(tokenizer.eos_token_ids)
         )
@@ -193,7 +203,15 @@ class GrammarCompiler:
             reason = str(e).strip().splitlines()[0]
             reason = reason.split(": ", 1)[1] if ".cc:" in reason else reason
             raise ConstraintError(f"cannot compile {source.split(':')[0]}: {reason}") from None
-        return Grammar(compiled, source[:200])
+        grammar = Grammar(compiled, source[:200])
+        # A grammar that allows no first token (`root ::= root`) matches no string: say so
+        # now rather than end every sample empty.
+        start = grammar.start()
+        mask = torch.zeros(1, bitmask_words(self._vocab_size), dtype=torch.int32)
+        start.fill_bitmask(mask, 0)
+        if not bool(mask.any()):
+            raise ConstraintError(f"the {source.split(':')[0]} matches no string")
+        return grammar
 
 
 def _check_size(text: str, what: str) -> None:

@@ -247,7 +247,13 @@ class Sampler:
             bitmask = torch.empty(len(constrained), bitmask_words(vocab), dtype=torch.int32)
             for j, i in enumerate(constrained):
                 rows[i].constraint.fill_bitmask(bitmask, j)  # type: ignore[union-attr]
-            allowed = unpack_bitmask(bitmask, vocab).to(device)
+            allowed = unpack_bitmask(bitmask, vocab)
+            for j in (~allowed.any(dim=1)).nonzero().flatten().tolist():
+                # The grammar can go nowhere: end the sample (EOS) instead of failing the
+                # whole step, which would fail every request batched with it.
+                eos = [t for t in rows[constrained[j]].eos_token_ids if 0 <= t < vocab]
+                allowed[j, eos if eos else slice(None)] = True
+            allowed = allowed.to(device)
             idx = torch.tensor(constrained, device=device)
             out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
         return out

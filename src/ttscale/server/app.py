@@ -55,6 +55,7 @@ from ttscale.server.streaming import (
     sse_stream,
     until_disconnected,
 )
+from ttscale.server.structured import Grammars
 from ttscale.server.ui_routes import router as ui_router
 from ttscale.server.validation import (
     Job,
@@ -98,6 +99,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     token_text = TokenTexts(llm.tokenizer)
     app.include_router(ui_router)  # the dashboard: /ui, engine stats, playground runs (SSE)
+    grammars = Grammars(llm)  # structured outputs: compiled on the tokenizer thread
 
     # -- errors: always OpenAI's shape, never a 500 for a client mistake
     @app.exception_handler(APIError)
@@ -240,7 +242,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = await off_loop(completion_job, body, llm, config, pool)
+        job = await off_loop(completion_job, body, llm, config, pool, grammars)
         if body.ttscale is not None:
             return await run_strategy_request(app, job, body.ttscale, request)
         return await serve(job, request)
@@ -252,7 +254,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = await off_loop(chat_job, body, llm, config, pool)
+        job = await off_loop(chat_job, body, llm, config, pool, grammars)
         if body.ttscale is not None:
             return await run_strategy_request(app, job, body.ttscale, request)
         return await serve(job, request)

@@ -68,16 +68,16 @@ class _SamplingRequest(_Strict):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     ttscale: TTScaleOptions | None = None
-    # Declared only to refuse them (400, see `validation.refuse_unsupported`) rather than
-    # silently ignore what changes the output.
-    logit_bias: dict[str, float] | None = None
+    # Structured outputs (`structured.py`); `Any`: each is type-checked there, by name.
     response_format: dict[str, Any] | None = None
-    # `Any`: a value of any type is refused by name.
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    # Declared only to refuse it (400, see `validation.refuse_unsupported`) rather than
+    # silently ignore what changes the output.
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_SamplingRequest):

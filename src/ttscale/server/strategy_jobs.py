@@ -42,6 +42,12 @@ async def run_strategy_request(
 
     if job.stream:
         raise APIError(400, "stream is not supported with a ttscale strategy", param="stream")
+    if job.structured_field is not None:
+        raise APIError(
+            400,
+            f"{job.structured_field} is not supported with a ttscale strategy",
+            param=job.structured_field,
+        )
     if job.params.n != 1:
         raise APIError(400, "n must be 1 with a ttscale strategy (it returns one answer)", "n")
     if len(job.prompts) != 1:

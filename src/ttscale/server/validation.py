@@ -24,6 +24,7 @@ from ttscale.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from ttscale.server.structured import Grammars, requested_grammar
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Job:
     # what its samples can hold, as a plain request's default is shrunk to its n samples.
     default_max_tokens: bool = False
     echo: bool = False  # completions: each choice starts with its prompt (and its logprobs)
+    # The request field that asked for a grammar (params.constraint), if any.
+    structured_field: str | None = None
 
 
 _SAMPLING_FIELDS = (
@@ -66,11 +69,6 @@ _SAMPLING_FIELDS = (
 # the field beats a 200 whose text silently ignores them (a JSON mode returning prose).
 _UNSUPPORTED = (
     "logit_bias",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structured_outputs",
     "functions",
     "function_call",
     "suffix",
@@ -87,14 +85,6 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
     for name in _UNSUPPORTED:
         if getattr(body, name, None) not in (None, [], {}, ""):
             raise APIError(400, f"{name} is not supported by this server", param=name)
-    fmt = body.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(
-            400,
-            f"response_format {fmt.get('type')!r} is not supported (structured outputs are not "
-            "implemented); only {'type': 'text'}",
-            param="response_format",
-        )
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
     if isinstance(body, CompletionRequest):
@@ -113,8 +103,10 @@ def build_params(
     logprobs: int | None,
     api_names: dict[str, str],
     max_n: int,
-) -> SamplingParams:
-    """SamplingParams from the request; an impossible value becomes a 400 naming its API field."""
+    grammars: Grammars,
+) -> tuple[SamplingParams, str | None]:
+    """SamplingParams from the request, and the field that asked for a grammar (if any); an
+    impossible value becomes a 400 naming its API field."""
     if body.n is not None and not 1 <= body.n <= max_n:
         raise APIError(400, f"n must be in [1, {max_n}], got {body.n}", param="n")
     kwargs: dict[str, Any] = {
@@ -132,8 +124,11 @@ def build_params(
                 param="stop",
             )
         kwargs["stop"] = body.stop
+    structured = requested_grammar(body, grammars)
+    if structured is not None:
+        kwargs["constraint"] = structured[0]
     try:
-        return SamplingParams(**kwargs)
+        return SamplingParams(**kwargs), structured[1] if structured else None
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=api_names.get(e.field, e.field)) from None
 
@@ -170,7 +165,9 @@ def _check_kv(job: Job, pool: Pool, strategy: bool) -> None:
         check_fits(fp, pool.num_blocks, pool.block_size, "this request", param="n")
 
 
-def chat_job(body: ChatCompletionRequest, llm: LLM, config: ServerConfig, pool: Pool) -> Job:
+def chat_job(
+    body: ChatCompletionRequest, llm: LLM, config: ServerConfig, pool: Pool, grammars: Grammars
+) -> Job:
     refuse_unsupported(body)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
@@ -204,8 +201,9 @@ def chat_job(body: ChatCompletionRequest, llm: LLM, config: ServerConfig, pool: 
         logprobs = body.top_logprobs or 0
     elif body.top_logprobs is not None:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    params = build_params(body, max_tokens, logprobs, api_names, config.max_n)
+    params, structured = build_params(body, max_tokens, logprobs, api_names, config.max_n, grammars)
     job = _job("chat", body, [Prompt(text, ids)], params, config, default)
+    job.structured_field = structured
     _check_kv(job, pool, body.ttscale is not None)
     return job
 
@@ -232,7 +230,9 @@ def _completion_prompts(body: CompletionRequest, llm: LLM, max_prompts: int) -> 
     return prompts
 
 
-def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig, pool: Pool) -> Job:
+def completion_job(
+    body: CompletionRequest, llm: LLM, config: ServerConfig, pool: Pool, grammars: Grammars
+) -> Job:
     refuse_unsupported(body)
     if body.echo and (body.stream or body.ttscale is not None):
         raise APIError(400, "echo is not supported with stream or ttscale", param="echo")
@@ -240,7 +240,7 @@ def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig, pool
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
     for p in prompts:
         _check_max_tokens(len(p.token_ids), max_tokens, llm, "max_tokens")
-    params = build_params(body, max_tokens, body.logprobs, {}, config.max_n)
+    params, structured = build_params(body, max_tokens, body.logprobs, {}, config.max_n, grammars)
     if len(prompts) * params.n > config.max_n:
         raise APIError(
             400,
@@ -250,6 +250,7 @@ def completion_job(body: CompletionRequest, llm: LLM, config: ServerConfig, pool
         )
     job = _job("completion", body, prompts, params, config)
     job.echo = bool(body.echo)
+    job.structured_field = structured
     _check_kv(job, pool, body.ttscale is not None)
     return job
 
