@@ -143,6 +143,9 @@ class Session:
         self.stats.peak_kv_blocks = max(self.stats.peak_kv_blocks, request.peak_kv_blocks)
         self.stats.computed_prompt_tokens += request.num_computed_prompt_tokens
         self.stats.cached_prompt_tokens += request.num_cached_prompt_tokens
+        # The engine forked the prefilled prompt n - 1 ways (LLMEngine._update): as many
+        # forks sharing the prompt's blocks as `expand` makes for a search branch.
+        self.stats.forks += n - 1
         branches = [self._branch(seq, None) for seq in request.sequences]
         if retain:
             self._live.update((s.seq_id, s) for s in request.sequences)
