@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +113,7 @@ def run_eval(
     records = load_records(records_path)
     done = {(r["strategy"], r["problem_id"]) for r in records}
     todo = {s: [p for p in problems if (s, p.id) not in done] for s in specs}
-    session = time.strftime("%Y-%m-%dT%H:%M:%S")
+    session = datetime.now().isoformat(timespec="microseconds")  # this run's records
 
     with (
         _progress(sum(map(len, todo.values())), progress) as advance,

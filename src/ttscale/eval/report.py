@@ -8,6 +8,7 @@ on for any ``mean_<x>`` field; a full field name works too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,8 @@ def print_summary(
     peak KV, total and roofline time (the default fits 100 columns)."""
     if console is None:
         console = Console()
-        if not console.is_terminal:  # piped / captured: no width to respect, don't squeeze
-            console = Console(width=200)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=200)  # piped / captured: no width to respect, don't squeeze
     console.print(summary_table(summary, wide))
     for note in summary_notes(summary):
         console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True, highlight=False)
@@ -238,6 +239,22 @@ def pareto_plot(
     for accuracy also the pass@N ceiling and, when every point is 0%, a note saying so. Titled
     with the task, model, problems and max tokens. Strategies without the field are left out
     of that panel."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(summary, x, y)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def pareto_figure(
+    summary: dict[str, Any],
+    x: str | Sequence[str] = ("wall_time", "tokens"),
+    y: str = "accuracy",
+) -> Any:
+    """The matplotlib figure :func:`pareto_plot` saves (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers / in tests
@@ -304,11 +321,7 @@ def pareto_plot(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 __all__ = [
@@ -316,6 +329,7 @@ __all__ = [
     "axis_key",
     "ceiling",
     "markdown_summary",
+    "pareto_figure",
     "pareto_frontier",
     "pareto_plot",
     "plot_title",
