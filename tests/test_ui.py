@@ -256,7 +256,7 @@ def test_playground_majority_reports_votes(server):
     ("change", "param"),
     [
         ({"strategy": "beam@8/3"}, "strategy"),  # N not a multiple of M
-        ({"strategy": "majority@64"}, "ttscale.strategy"),  # past the server's max_n
+        ({"strategy": "majority@64"}, "strategy"),  # past the server's max_n
         ({"scorer": "rm:/etc"}, "scorer"),  # no files from requests
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"question": ""}, "question"),
@@ -266,7 +266,7 @@ def test_bad_runs_are_refused_before_any_work(server, change, param):
     steps = server.on_engine(lambda e: e.stats["steps"])
     r = httpx.post(server.url + "/v1/ttscale/runs", json={**BEAM, **change}, timeout=30)
     assert r.status_code == 400, r.text
-    assert param in json.dumps(r.json())
+    assert r.json()["error"]["param"] == param
     assert server.on_engine(lambda e: e.stats["steps"]) == steps
 
 
@@ -395,3 +395,14 @@ def test_offline_dashboard_serves_runs_without_a_model(runs_dir, page, tmp_path)
         page.screenshot(path=str(tmp_path / "offline-runs.png"), full_page=True)
     with pytest.raises(ValueError, match="no such folder"):
         create_offline_app(runs_dir / "missing")
+
+
+def test_a_client_that_leaves_cancels_the_run(server):
+    body = {**BEAM, "strategy": "beam@8/2", "max_tokens": 96, "max_depth": 24}
+    cancelled = server.app.state.engine_loop.num_jobs_cancelled
+    with httpx.stream("POST", server.url + "/v1/ttscale/runs", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: fork"):
+                break  # mid-search: branches hold KV now
+    server.wait_pool_full()
+    assert server.app.state.engine_loop.num_jobs_cancelled == cancelled + 1

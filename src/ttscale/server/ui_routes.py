@@ -204,9 +204,12 @@ async def playground_run(body: PlaygroundRun, request: Request) -> Response:
             param="max_tokens",
         )
     pool = Pool(engine_loop.pool_blocks, engine_loop.block_size)
-    fp = strategy_footprint(
-        body.strategy, prompt_len, body.max_tokens, max_len, config.max_n, search
-    )
+    try:
+        fp = strategy_footprint(
+            body.strategy, prompt_len, body.max_tokens, max_len, config.max_n, search
+        )
+    except APIError as e:  # it names the extension's field; here the field is `strategy`
+        raise APIError(400, e.message, param="strategy") from None
     blocks = check_fits(
         fp, pool.share(config.strategy_kv_share), pool.block_size, "this strategy", "strategy"
     )
