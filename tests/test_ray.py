@@ -254,3 +254,107 @@ def test_eval_bad_input_fails_at_start(cluster, model_dir, tmp_path) -> None:
         EnginePool(worker_config(model_dir), 3)
     with pytest.raises(RayClusterError, match=r"failed to load the model.*does not exist"):
         EnginePool(WorkerConfig(str(tmp_path / "missing")), 1, ready_timeout_s=120)
+
+
+# ---- serving ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="class")
+def served(cluster, model_dir):
+    """2 engine replicas x 1 CPU behind the router; an httpx client on Serve's proxy."""
+    import httpx
+    from ray import serve
+
+    from ttscale.ray.serving import RayServeConfig, deploy, shutdown
+    from ttscale.server.config import ServerConfig
+
+    config = RayServeConfig(replicas=2, port=free_port(), health_check_period_s=1.0)
+    url = deploy(worker_config(model_dir), ServerConfig(model_names=("tiny",)), config)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+    shutdown()
+    serve.shutdown()
+
+
+def engine_actor(index: int):
+    from ttscale.ray.serving import ENGINE_PREFIX
+
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if f"#{ENGINE_PREFIX}{index}#" in a["name"]:
+            return ray.get_actor(a["name"], namespace=a["namespace"])
+    raise LookupError(index)
+
+
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant who answers in a few words."},
+    {"role": "user", "content": "Tell me about apples, pears and plums."},
+]
+
+
+class TestServe:
+    def test_requests_streaming_strategy_and_prefix_routing(self, served) -> None:
+        first = served.post(
+            "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 6, "n": 3, "seed": 1}
+        )
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert len(body["choices"]) == 3 and body["usage"]["completion_tokens"] > 0
+        replica = first.headers["x-ttscale-replica"]
+        # The conversation's next turn goes where its prefix is cached, and hits the cache.
+        turn2 = [*CHAT, body["choices"][0]["message"], {"role": "user", "content": "And figs?"}]
+        second = served.post("/v1/chat/completions", json={"messages": turn2, "max_tokens": 4})
+        assert second.status_code == 200, second.text
+        assert second.headers["x-ttscale-replica"] == replica
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        # Streaming, through the router.
+        with served.stream(
+            "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 4, "stream": True}
+        ) as stream:
+            assert stream.status_code == 200
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+        # A strategy job (the ttscale extension) and a validation error, unchanged.
+        job = served.post(
+            "/v1/chat/completions",
+            json={"messages": CHAT, "max_tokens": 6, "ttscale": {"strategy": "majority@3"}},
+        )
+        assert job.status_code == 200, job.text
+        assert len(job.json()["ttscale"]["candidates"]) == 3
+        bad = served.post("/v1/chat/completions", json={"messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        # /metrics: both replicas, each labelled; the tokens add up to what was generated.
+        metrics = served.get("/metrics").text
+        assert 'ttscale_replica_up{replica="0"} 1' in metrics
+        assert 'ttscale_replica_up{replica="1"} 1' in metrics
+        tokens = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("ttscale_generation_tokens_total{")
+        ]
+        assert len(tokens) == 2 and sum(tokens) >= body["usage"]["completion_tokens"] + 4
+
+    def test_killed_replica_is_retried_or_503(self, served) -> None:
+        ray.kill(engine_actor(0), no_restart=False)
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = served.post("/v1/completions", json={"prompt": "hello there", "max_tokens": 3})
+            elapsed = time.monotonic() - t0
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert "no engine replica" in r.json()["error"]["message"]
+            assert elapsed < 30  # never a hang: 2 replicas x accept timeout at most
+        assert r.status_code == 200  # the survivor (or the restarted one) serves
+
+
+def test_serve_more_replicas_than_cpus(cluster, model_dir) -> None:
+    from ttscale.ray.serving import RayServeConfig, deploy
+    from ttscale.server.config import ServerConfig
+
+    with pytest.raises(RayClusterError, match=r"3 replicas x 1 CPU need 3 CPUs.*--replicas 2"):
+        deploy(worker_config(model_dir), ServerConfig(), RayServeConfig(replicas=3))

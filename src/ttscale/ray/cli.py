@@ -84,6 +84,12 @@ def _with_options(
                 flags = ", ".join("--" + n.replace("_", "-") for n in changed)
                 _fail(f"{flags} only apply with --ray")
             return command(**kwargs)
+        from ttscale.ray.cluster import RayClusterError, require_ray
+
+        try:  # first: without Ray nothing else matters
+            require_ray()
+        except RayClusterError as e:
+            _fail(e)
         unsupported = [
             "--" + p.name.replace("_", "-")
             for p in params

@@ -28,7 +28,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    chunk_chars: int = 64  # ~16 tokens: a KV block is 16 tokens
+    chunk_chars: int = 32  # ~8 tokens: finer than a 16-token KV block, cheap to hash
     max_entries: int = 200_000  # prefix chunks remembered (LRU), ~40 MB at most
     balance_slack: int = 4  # in-flight requests a prefix's replica may exceed the least loaded by
     down_s: float = 5.0  # a failed replica is skipped this long
