@@ -270,6 +270,24 @@ def test_bad_runs_are_refused_before_any_work(server, change, param):
     assert server.on_engine(lambda e: e.stats["steps"]) == steps
 
 
+def test_engine_view_lists_requests_with_their_cost(server):
+    from ttscale.sampling.params import SamplingParams
+    from ttscale.server.ui_routes import engine_view
+
+    def add_and_look(engine):
+        engine.add_request("ui-view", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, n=2))
+        try:
+            return engine_view(engine)
+        finally:
+            engine.abort("ui-view")
+
+    view = server.on_engine(add_and_look)
+    (row,) = [r for r in view["live_requests"] if r["request_id"] == "ui-view"]
+    assert row["prompt_tokens"] == 5 and row["tokens"] == 0 and row["flops"] == 0
+    assert view["sequences"]["waiting"] >= 1
+    server.wait_pool_full()
+
+
 def test_engine_stats_picture_the_pool(server):
     s = httpx.get(server.url + "/v1/ttscale/engine", timeout=10).json()
     kv = s["kv"]

@@ -33,6 +33,7 @@ from ttscale.ui import pages_router, runs_router
 
 _RATE_WINDOW_S = 10.0  # tokens/s is averaged over the polls of this trailing window
 _RECENT_RUNS = 20
+_LIVE_REQUESTS = 50  # requests listed with their cost so far (the oldest first)
 
 
 class PlaygroundRun(BaseModel):
@@ -82,6 +83,21 @@ def engine_view(engine) -> dict[str, Any]:
         statuses[seq.status.value] = statuses.get(seq.status.value, 0) + 1
     kv = engine.kv_stats()
     cost = engine.cost_meter.total
+    live = []
+    for request_id, request in list(engine.requests.items())[:_LIVE_REQUESTS]:
+        prompt = len(request.prompt_token_ids)
+        live.append(
+            {
+                "request_id": request_id,
+                "sequences": len(request.sequences),
+                "prompt_tokens": prompt,
+                "cached_prompt_tokens": request.num_cached_prompt_tokens,
+                # Of every sequence, search branches' whole paths included.
+                "tokens": sum(max(0, len(s.token_ids) - prompt) for s in request.sequences),
+                "peak_kv_blocks": request.peak_kv_blocks,
+                **request.cost.to_dict(),
+            }
+        )
     return {
         "sequences": statuses,
         "requests": len(engine.requests),
@@ -100,6 +116,7 @@ def engine_view(engine) -> dict[str, Any]:
         "prefill_tokens": engine.stats["prefill_tokens"],
         "decode_tokens": engine.stats["decode_tokens"],
         "cost": cost.to_dict(),
+        "live_requests": live,
     }
 
 

@@ -90,15 +90,14 @@ function renderEngine(s) {
     ["roofline time", c.roofline_time === null ? "– (no hardware profile)" : fmt(c.roofline_time) + " s"],
     ["roofline utilisation", c.utilization === null ? "–" : pct(c.utilization)],
   ]);
-  const body = $("#recent-runs tbody");
-  body.replaceChildren(...(s.recent_runs || []).map((r) => {
-    const tr = el("tr");
-    for (const v of [r.strategy, r.question, r.answer ?? "(none)", fmt(r.seconds), r.tokens,
-      fmt(r.flops), fmt(r.bytes), r.utilization === null ? "–" : pct(r.utilization)]) {
-      tr.append(el("td", {}, String(v)));
-    }
-    return tr;
-  }));
+  fillRows($("#live-requests tbody"), (s.live_requests || []).map((r) => [
+    r.request_id, r.sequences, `${r.prompt_tokens} (${r.cached_prompt_tokens})`, r.tokens, r.peak_kv_blocks,
+    fmt(r.flops), fmt(r.bytes), fmt(r.measured_time), r.utilization === null ? "–" : pct(r.utilization),
+  ]), "no request in the engine");
+  fillRows($("#recent-runs tbody"), (s.recent_runs || []).map((r) => [
+    r.strategy, r.question, r.answer ?? "(none)", fmt(r.seconds), r.tokens,
+    fmt(r.flops), fmt(r.bytes), r.utilization === null ? "–" : pct(r.utilization),
+  ]), "none yet: run one in the Playground");
 }
 
 const POOL_COLORS = { ".": "#e5e7eb", c: "#93c5fd", u: "#34d399", s: "#f59e0b" };
@@ -119,6 +118,21 @@ function drawPool(pool) {
     ctx.fillStyle = POOL_COLORS[pool[i]] || "#000";
     ctx.fillRect((i % perRow) * cell, Math.floor(i / perRow) * cell, cell - (cell > 3 ? 1 : 0), cell - (cell > 3 ? 1 : 0));
   }
+}
+
+function fillRows(body, rows, empty) {
+  const cols = body.closest("table").querySelectorAll("th").length;
+  if (!rows.length) {
+    const tr = el("tr");
+    tr.append(el("td", { colspan: cols, class: "sub" }, empty));
+    body.replaceChildren(tr);
+    return;
+  }
+  body.replaceChildren(...rows.map((cells) => {
+    const tr = el("tr");
+    for (const v of cells) tr.append(el("td", {}, String(v)));
+    return tr;
+  }));
 }
 
 function fillKv(table, rows) {
