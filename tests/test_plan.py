@@ -357,6 +357,18 @@ def test_pilot_records(tiny_pilot, task_file):
     assert sum(pp.wall_time for pp in tiny_pilot.problems) <= tiny_pilot.wall_seconds
 
 
+def assert_fits_100_columns(table) -> None:
+    """No cell cut to an ellipsis, no line past 100 columns (the default, not --wide)."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=100).print(table)
+    text = out.getvalue()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 100, text
+
+
 @pytest.mark.parametrize("routing", ["probe", "uniform"])
 def test_pilot_plan_validate(llm, task_file, tiny_pilot, routing):
     task = ResidueTask(task_file, family="text")
@@ -371,6 +383,7 @@ def test_pilot_plan_validate(llm, task_file, tiny_pilot, routing):
     assert 0 <= plan.predicted_accuracy <= 1 and plan.oracle_ceiling >= 0
     json.dumps(plan.to_dict())
     assert plan_table(plan).row_count >= len(plan.bins) + 1
+    assert_fits_100_columns(plan_table(plan))
 
     val = validate(llm, task, plan, 6, hygiene=NO_HYGIENE)
     ids = {r.problem_id for r in val.records}
@@ -394,6 +407,7 @@ def test_pilot_plan_validate(llm, task_file, tiny_pilot, routing):
         assert all(r.probe_seconds == 0 for r in val.records)
     json.dumps(val.to_dict())
     assert validation_table(val).row_count >= 1
+    assert_fits_100_columns(validation_table(val))
 
 
 def test_budget_shapes_the_plan(tiny_pilot):

@@ -227,7 +227,7 @@ def generate(
             err.print(f"[bold]--- sample {o.index} ({o.finish_reason})[/bold]")
         print(o.text)
         if o.finish_reason == "length":
-            err.print(f"[yellow][cut off at --max-tokens {max_tokens}][/yellow]")
+            err.print(f"[yellow]\\[cut off at --max-tokens {max_tokens}][/yellow]")
     u = out.usage
     err.print(
         f"[dim]prompt {u.prompt_tokens} tok (cached {u.cached_prompt_tokens}, computed "
@@ -345,9 +345,9 @@ def chat(
                     break
         print()
         if interrupt.stopped:
-            err.print("[yellow][stopped][/yellow]")
+            err.print("[yellow]\\[stopped][/yellow]")
         elif finish == "length":
-            err.print(f"[yellow][cut off at --max-tokens {max_tokens}][/yellow]")
+            err.print(f"[yellow]\\[cut off at --max-tokens {max_tokens}][/yellow]")
         history.append({"role": "assistant", "content": reply})
 
 

@@ -43,8 +43,9 @@ def _ratio(value: float | None) -> str:
 def compare_table(rows: list[Any], wide: bool = False) -> Table:
     """One row per strategy; fits 100 columns unless ``wide`` (adds counts and bytes)."""
     table = Table(
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+        box=box.SIMPLE_HEAD,  # one space between columns: fits 100 columns
+        show_edge=False,
+        padding=(0, 0),
         caption=f"B-A: accuracy points, paired bootstrap 95% CI; p: exact McNemar; * p < {ALPHA}",
     )
     headers = ["strategy", "n", "A%", "B%", "B-A", "95% CI", "p", "time B/A", "FLOP B/A"]

@@ -146,8 +146,9 @@ def summary_table(summary: dict[str, Any], wide: bool = False) -> Table:
     table = Table(
         title=f"{n} problems" if n is not None else None,
         caption=LEGEND,
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+        box=box.SIMPLE_HEAD,  # one space between columns, no rules: fits 100 columns
+        show_edge=False,
+        padding=(0, 0),
     )
     columns = _columns(rows, wide)
     for i, (header, _) in enumerate(columns):

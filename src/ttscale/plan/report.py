@@ -43,7 +43,12 @@ def _table(title: str, caption: str | None, wide: bool) -> Any:
     if wide:
         return Table(title=title, title_justify="left", caption=caption)
     return Table(
-        title=title, title_justify="left", caption=caption, box=box.SIMPLE_HEAD, pad_edge=False
+        title=title,
+        title_justify="left",
+        caption=caption,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 0),
     )
 
 
