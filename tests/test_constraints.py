@@ -14,6 +14,8 @@ from ttscale.errors import SamplingParamsError
 from ttscale.sampling.constraints import (
     ConstraintError,
     GrammarCompiler,
+    apply_bitmask,
+    apply_bitmask_torch,
     bitmask_words,
     unpack_bitmask,
 )
@@ -56,6 +58,18 @@ def test_bitmask_unpacks_every_bit_including_the_sign_bit() -> None:
     mask = torch.zeros(1, bitmask_words(vocab), dtype=torch.int32)
     toy.fill_bitmask(mask, 0)
     assert unpack_bitmask(mask, vocab)[0].nonzero().flatten().tolist() == [0, 31, 32, 63, 69]
+
+
+def test_xgrammar_kernel_equals_the_torch_reference() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1000)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (5, bitmask_words(1000)), dtype=torch.int32)
+    fast, ref = logits.clone(), logits.clone()
+    apply_bitmask(fast, bitmask, [0, 2, 3])
+    apply_bitmask_torch(ref, bitmask, [0, 2, 3])
+    assert torch.equal(fast, ref)
+    assert torch.equal(fast[[1, 4]], logits[[1, 4]])  # rows not listed are untouched
+    assert torch.isinf(fast[0]).sum() == (~unpack_bitmask(bitmask[:1], 1000)).sum()
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -77,6 +77,37 @@ def bitmask_words(vocab: int) -> int:
     return (vocab + 31) // 32
 
 
+def allow_only(bitmask: torch.Tensor, row: int, token_ids: list[int]) -> None:
+    """Rewrites ``bitmask[row]`` so that exactly ``token_ids`` are allowed."""
+    bitmask[row] = 0
+    for t in token_ids:
+        word = int(bitmask[row, t // 32]) & 0xFFFFFFFF | (1 << (t % 32))
+        bitmask[row, t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # as int32
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Sets ``logits[i, t] = -inf`` for every listed row i and token t its bitmask forbids.
+
+    ``logits`` (B, V) float32 and ``bitmask`` (B, ceil(V/32)) int32 are indexed by the same
+    rows. xgrammar's kernel when it is installed (one pass, no (B, V) temporaries); the torch
+    reference (`apply_bitmask_torch`) otherwise.
+    """
+    bitmask = bitmask.to(logits.device)
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        apply_bitmask_torch(logits, bitmask, rows)
+        return
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+
+
+def apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """`apply_bitmask` in plain torch: unpacks the rows' bits into a (R, V) bool mask."""
+    idx = torch.tensor(rows, device=logits.device)
+    forbidden = ~unpack_bitmask(bitmask[idx], logits.shape[1])
+    logits[idx] = logits[idx].masked_fill(forbidden, float("-inf"))
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """(rows, ceil(V/32)) int32 -> (rows, V) bool, True where the token is allowed."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
@@ -225,6 +256,9 @@ __all__ = [
     "Grammar",
     "GrammarCompiler",
     "TokenConstraint",
+    "allow_only",
+    "apply_bitmask",
+    "apply_bitmask_torch",
     "bitmask_words",
     "unpack_bitmask",
 ]

@@ -50,7 +50,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ttscale.sampling.constraints import TokenConstraint, bitmask_words, unpack_bitmask
+from ttscale.sampling.constraints import (
+    TokenConstraint,
+    allow_only,
+    apply_bitmask,
+    bitmask_words,
+)
 from ttscale.sampling.params import SamplingParams
 
 # Temperatures below this are greedy (as vLLM): dividing by them overflows float32.
@@ -243,19 +248,20 @@ class Sampler:
                 out[idx[:, 0], idx[:, 1]] = float("-inf")
 
         if constrained:
-            # Each grammar fills its row of one packed bitmask (C, ceil(V/32)) on the CPU.
-            bitmask = torch.empty(len(constrained), bitmask_words(vocab), dtype=torch.int32)
-            for j, i in enumerate(constrained):
-                rows[i].constraint.fill_bitmask(bitmask, j)  # type: ignore[union-attr]
-            allowed = unpack_bitmask(bitmask, vocab)
-            for j in (~allowed.any(dim=1)).nonzero().flatten().tolist():
-                # The grammar can go nowhere: end the sample (EOS) instead of failing the
-                # whole step, which would fail every request batched with it.
-                eos = [t for t in rows[constrained[j]].eos_token_ids if 0 <= t < vocab]
-                allowed[j, eos if eos else slice(None)] = True
-            allowed = allowed.to(device)
-            idx = torch.tensor(constrained, device=device)
-            out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
+            # Each grammar fills its row of a packed bitmask (B, ceil(V/32)) on the CPU; rows
+            # without a grammar stay all ones and are skipped.
+            bitmask = torch.full((len(rows), bitmask_words(vocab)), -1, dtype=torch.int32)
+            for i in constrained:
+                rows[i].constraint.fill_bitmask(bitmask, i)  # type: ignore[union-attr]
+                if not bool(bitmask[i].any()):
+                    # The grammar can go nowhere: end the sample (EOS) instead of failing the
+                    # whole step, which would fail every request batched with it.
+                    eos = [t for t in rows[i].eos_token_ids if 0 <= t < vocab]
+                    if eos:
+                        allow_only(bitmask, i, eos)
+                    else:
+                        bitmask[i] = -1
+            apply_bitmask(out, bitmask, constrained)
         return out
 
 
