@@ -424,3 +424,24 @@ def test_a_client_that_leaves_cancels_the_run(server):
                 break  # mid-search: branches hold KV now
     server.wait_pool_full()
     assert server.app.state.engine_loop.num_jobs_cancelled == cancelled + 1
+
+
+def test_dashboard_with_an_api_key(tmp_path_factory, runs_dir, page):
+    """The page loads without the key, asks for it, then sends it with every API call."""
+    path = tmp_path_factory.mktemp("tiny-key")
+    make_tiny_model(path, "llama")
+    app = create_app(tiny_llm(path), ServerConfig(model_names=("tiny",), api_key="sekrit"))
+    app.state.ui_runs_dir = runs_dir
+    with _serve_app(app) as url:
+        assert httpx.get(url + "/v1/ttscale/engine", timeout=10).status_code == 401
+        page.goto(url + "/ui#engine")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#api-key", "sekrit")
+        page.click("#key-form button")
+        page.wait_for_function("document.querySelector('#model').textContent === 'tiny'")
+        page.wait_for_function("document.querySelector('#stat-steps').textContent !== '–'")
+        page.goto(url + "/ui#runs")  # the key is kept for the session
+        page.wait_for_selector("#runs-table tbody tr")
+    expected = "status of 401 (Unauthorized)"
+    assert any(expected in e for e in page.console_errors)
+    page.console_errors[:] = [e for e in page.console_errors if expected not in e]

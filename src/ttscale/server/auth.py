@@ -13,7 +13,9 @@ class APIKeyMiddleware:
     """`Authorization: Bearer <key>` on every path but /health (plain ASGI, so it runs
     before body parsing and leaves streaming untouched)."""
 
-    OPEN_PATHS = frozenset({"/health"})
+    # The dashboard's static files hold no data: the page asks for the key and sends it with
+    # every API call it makes (docs/UI.md).
+    OPEN_PATHS = frozenset({"/health", "/ui", "/ui/app.js", "/ui/style.css"})
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app

@@ -28,6 +28,22 @@ function fmt(x, digits = 3) {
 }
 const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
 
+// ---- API calls: with the server's key when it has one ------------------------------------------
+
+let apiKey = sessionStorage.getItem("ttscale-api-key") || "";
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (apiKey) headers.Authorization = "Bearer " + apiKey;
+  const r = await fetch(path, { ...options, headers });
+  if (r.status === 401) {
+    $("#key-form").hidden = false;
+    $("#model").textContent = "API key needed";
+    throw new Error("the server wants its API key (top right)");
+  }
+  return r;
+}
+
 // ---- tabs ------------------------------------------------------------------------------------
 
 let offline = false;
@@ -46,17 +62,21 @@ window.addEventListener("hashchange", showTab);
 // ---- Engine ----------------------------------------------------------------------------------
 
 let pollTimer = null;
+let pollGeneration = 0; // a newer call supersedes an older one still waiting for its reply
 
 async function pollEngine() {
   clearTimeout(pollTimer);
+  const generation = ++pollGeneration;
   try {
-    const r = await fetch("/v1/ttscale/engine");
+    const r = await api("/v1/ttscale/engine");
     if (!r.ok) throw new Error("engine stats: HTTP " + r.status);
     renderEngine(await r.json());
   } catch (e) {
-    $("#model").textContent = "server unreachable";
+    if ($("#key-form").hidden) $("#model").textContent = "server unreachable";
   }
-  if (!offline && currentTab === "engine") pollTimer = setTimeout(pollEngine, 1000);
+  if (generation === pollGeneration && !offline && currentTab === "engine") {
+    pollTimer = setTimeout(pollEngine, 1000);
+  }
 }
 
 function renderEngine(s) {
@@ -402,7 +422,7 @@ async function startRun(ev) {
   $("#stop").disabled = false;
   status("starting…");
   try {
-    const r = await fetch("/v1/ttscale/runs", {
+    const r = await api("/v1/ttscale/runs", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body), signal: controller.signal,
     });
@@ -472,7 +492,7 @@ function sortable(table, rows, render) {
 }
 
 async function loadRuns() {
-  const r = await fetch("/v1/ttscale/eval-runs");
+  const r = await api("/v1/ttscale/eval-runs").catch((e) => ({ ok: false, status: e.message }));
   if (!r.ok) { $("#runs-root").textContent = "eval runs: HTTP " + r.status; return; }
   const data = await r.json();
   runs = data.runs.map((x) => ({
@@ -606,8 +626,14 @@ async function compareRuns(ev) {
   const table = $("#compare-table");
   if (!a || !b) { $("#compare-status").textContent = "pick two runs"; return; }
   $("#compare-status").textContent = "comparing…";
-  const r = await fetch(`/v1/ttscale/eval-runs/compare?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`);
-  const data = await r.json();
+  let r, data;
+  try {
+    r = await api(`/v1/ttscale/eval-runs/compare?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`);
+    data = await r.json();
+  } catch (e) {
+    $("#compare-status").textContent = e.message;
+    return;
+  }
   if (!r.ok) {
     $("#compare-status").textContent = (data.error && data.error.message) || "HTTP " + r.status;
     table.hidden = true;
@@ -628,6 +654,14 @@ async function compareRuns(ev) {
 
 // ---- start -----------------------------------------------------------------------------------
 
+$("#key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  apiKey = $("#api-key").value;
+  sessionStorage.setItem("ttscale-api-key", apiKey);
+  $("#key-form").hidden = true;
+  showTab();
+  if (currentTab !== "engine") pollEngine();
+});
 $("#run-form").addEventListener("submit", startRun);
 $("#stop").addEventListener("click", () => controller && controller.abort());
 $("#compare-form").addEventListener("submit", compareRuns);
