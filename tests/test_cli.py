@@ -335,3 +335,22 @@ def test_eval_interrupt_prints_the_resume_command(
     text = " ".join(res.stderr.split())
     assert "interrupted" in text and "holds 0 results" in text and "Resume with:" in text
     assert "--no-resume" not in text.split("Resume with:")[1]
+
+
+def test_solve_progress_drives_the_strategy(llm) -> None:
+    """The progress wrapper is what `drive` steps: same result as without it, and it counted
+    the engine's steps."""
+    from ttscale import SamplingParams
+    from ttscale.eval.cli import _solve_one, _solve_progress
+    from ttscale.strategies.api import make_query
+
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)
+    results = []
+    for enabled in (True, False):
+        query = make_query(llm, "12 + 30 =", params=params)
+        with _solve_progress(llm.engine, "majority@3", enabled=enabled) as engine:
+            results.append(_solve_one(engine, llm, query, "majority@3"))
+            if enabled:
+                assert engine is not llm.engine and engine.steps > 0
+    assert [c.text for c in results[0].candidates] == [c.text for c in results[1].candidates]
+    assert results[0].stats.forks == 2

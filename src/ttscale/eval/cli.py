@@ -314,6 +314,7 @@ class _SteppingEngine:
 
     def __init__(self, engine: Any, on_step: Any) -> None:
         self._engine, self._on_step = engine, on_step
+        self.steps = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -321,7 +322,8 @@ class _SteppingEngine:
 
     def step(self) -> Any:
         outputs = self._engine.step()
-        self._on_step()
+        self.steps += 1
+        self._on_step(self.steps)
         return outputs
 
 
@@ -337,12 +339,9 @@ def _solve_progress(engine: Any, strategy: str, enabled: bool) -> Iterator[Any]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task_id = bar.add_task(strategy)
-        steps = 0
         t0 = time.perf_counter()
 
-        def on_step() -> None:
-            nonlocal steps
-            steps += 1
+        def on_step(steps: int) -> None:
             kv = engine.kv_stats()
             bar.update(
                 task_id,
