@@ -140,11 +140,6 @@ def test_guided_json_streamed_completions_batch(api):
         (CHAT, {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
         (CHAT, {"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
         (CHAT, {"guided_regex": "a", "min_tokens": 2}, "min_tokens"),
-        (
-            CHAT,
-            {"response_format": {"type": "json_object"}, "ttscale": {"strategy": "majority@2"}},
-            "response_format",
-        ),
     ],
     ids=lambda v: str(v)[:40],
 )
@@ -153,6 +148,43 @@ def test_malformed_structured_requests_are_400_naming_the_field(api, path, extra
     r = post(api, path, {**base, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# ---- strategies: every candidate follows the grammar, votes need no free-text parsing -------
+
+
+def tts(strategy: str, **extra) -> dict:
+    return {**H, "temperature": 3.0, "ttscale": {"strategy": strategy, "hygiene": False}, **extra}
+
+
+def test_majority_votes_on_choices_and_canonical_json(api):
+    r = post(api, CHAT, tts("majority@4", guided_choice=["yes", "no"]))
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert set(reply["ttscale"]["votes"]) <= {"yes", "no"}
+    assert reply["choices"][0]["message"]["content"] == reply["ttscale"]["answer"]
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    r = post(api, CHAT, tts("majority@3", response_format=fmt))
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert_schema(reply["choices"][0]["message"]["content"])
+    for key in reply["ttscale"]["votes"]:  # canonical JSON: sorted keys, no spaces
+        assert key == json.dumps(json.loads(key), sort_keys=True, separators=(",", ":"))
+
+
+def test_step_search_continues_the_grammar_across_steps(api):
+    # beam search forks each step's survivors with the step's params: the same grammar, so
+    # the children continue their parent's parse (free text, a blank line, then the answer).
+    pattern = r"[a-z]{1,6}\n\nAnswer: [0-9]"
+    r = post(api, COMPLETIONS, {**tts("beam@4/2", guided_regex=pattern), "prompt": "Hi"})
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["ttscale"]["extra"].get("no_finished") is None
+    for c in reply["ttscale"]["candidates"]:
+        if c["finish_reason"] == "stop":
+            assert re.fullmatch(pattern, c["text"]), c["text"]
+    assert re.fullmatch(pattern, reply["choices"][0]["text"])
 
 
 # ---- the embedded model, through the openai client -------------------------------------------

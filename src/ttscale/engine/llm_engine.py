@@ -232,7 +232,9 @@ class LLMEngine:
         Works at any point: mid-prefill, mid-generation, or on a finished sequence of a
         retained request (the children then continue generating from its last token). With
         `params`, the children start a new step: fresh text, limits counted from here, and
-        their own stop strings (how step-level search advances one reasoning step). Each
+        their own stop strings (how step-level search advances one reasoning step); their
+        grammar (`params.constraint`) continues from the parent's state when it is the
+        parent's own, and starts afresh when it is another. Each
         child's RNG is seeded by (seed, its index in the request), so runs are reproducible.
         """
         parent = self.sequences.get(seq_id)
@@ -253,7 +255,8 @@ class LLMEngine:
                 child.params, child.step_start = params, child.num_tokens
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.token_ids, params)
                 child.logprobs, child.top_logprobs = [], []
-                child.constraint = params.constraint.start() if params.constraint else None
+                if params.constraint is not parent.params.constraint:  # else: continue it
+                    child.constraint = params.constraint.start() if params.constraint else None
             request.sequences.append(child)
             self.sequences[child.seq_id] = child
             children.append(child)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ttscale.sampling.params import SamplingParams
 from ttscale.server.admission import Pool, check_fits, largest_max_tokens, strategy_footprint
 from ttscale.server.engine_loop import EngineFailure, JobCancelled, QueueFullError
 from ttscale.server.errors import APIError, queue_full
@@ -42,12 +45,6 @@ async def run_strategy_request(
 
     if job.stream:
         raise APIError(400, "stream is not supported with a ttscale strategy", param="stream")
-    if job.structured_field is not None:
-        raise APIError(
-            400,
-            f"{job.structured_field} is not supported with a ttscale strategy",
-            param=job.structured_field,
-        )
     if job.params.n != 1:
         raise APIError(400, "n must be 1 with a ttscale strategy (it returns one answer)", "n")
     if len(job.prompts) != 1:
@@ -83,7 +80,7 @@ async def run_strategy_request(
     query = Query(
         question=question,
         prompt_token_ids=prompt.token_ids,
-        extract=extract_answer,
+        extract=answer_reader(params, extract_answer),
         params=params,
         scorer=scorer,
         hygiene=Hygiene(enabled=options.hygiene),
@@ -121,6 +118,27 @@ async def run_strategy_request(
     except EngineFailure as e:
         raise APIError(e.status, str(e), type="server_error") from None
     return JSONResponse(_strategy_reply(job, prompt.token_ids, result))
+
+
+def answer_reader(params: SamplingParams, default: Callable[[str], str | None]):
+    """What a candidate's vote is read from. With a grammar (structured outputs), every
+    candidate follows it, so votes need no free-text parsing: a JSON output votes with its
+    canonical form (key order and spacing ignored), a choice with itself; a regex or EBNF
+    grammar (which may allow free reasoning before a fixed answer line) keeps `default`."""
+    grammar = params.constraint
+    kind = getattr(grammar, "source", "").split(":", 1)[0]
+    if kind == "json_schema":
+        return _canonical_json
+    if kind == "choice":
+        return lambda text: text or None
+    return default
+
+
+def _canonical_json(text: str) -> str | None:
+    try:
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    except ValueError:  # cut off by max_tokens: no vote
+        return None
 
 
 def _strategy_reply(job: Job, prompt_ids: list[int], result) -> dict[str, Any]:
