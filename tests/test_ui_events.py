@@ -12,8 +12,8 @@ from ttscale.strategies import SearchConfig, make_strategy
 from ttscale.strategies.api import make_query
 from ttscale.tts.events import Event
 from ttscale.tts.hygiene import Hygiene
-from ttscale.tts.session import Session, drive
-from ttscale.tts.watch import observe
+from ttscale.tts.session import Session, drive, run_prompts
+from ttscale.tts.watch import Watch
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,11 @@ def _run(llm, spec: str, watched: bool, scorer=None):
     if scorer is not None:
         q.scorer = scorer
     events: list[Event] = []
-    session = Session(llm.engine, q.prompt_token_ids, observer=events.append if watched else None)
+    watch = Watch(events.append, llm.engine.held_blocks) if watched else None
+    session = Session(llm.engine, q.prompt_token_ids, observer=watch)
     gen = make_strategy(spec).solve(session, q)
-    if watched:
-        gen = observe(gen, events.append, llm.engine.held_blocks)
+    if watch is not None:
+        gen = watch.run(gen)
     (result,) = drive(llm.engine, [gen])
     assert_pool_full(llm)
     return result, [e.to_dict() for e in events]
@@ -107,8 +108,21 @@ def test_majority_events_and_vote_histogram(llm):
     assert {e["seq"] for e in tokens} >= {s["seq"] for s in steps}
 
 
-def test_scorer_rows_are_not_reported_as_branches(llm):
-    _, events = _run(llm, "beam@4/2", watched=True, scorer=HiddenStateScorer())
+class JudgeLikeScorer:
+    """Scores with separate engine requests of the same session (as the LLM judge does)."""
+
+    name = "judge-like"
+
+    def score(self, ctx, branches):
+        params = SamplingParams(max_tokens=3, temperature=0.0)
+        prompts = [[5, 6, 7, 8]] * len(branches)
+        seqs = yield from run_prompts(ctx.session.engine, prompts, params, "jl", ctx.session)
+        return [float(len(s.token_ids)) for s in seqs]
+
+
+@pytest.mark.parametrize("scorer", [HiddenStateScorer(), JudgeLikeScorer()])
+def test_scorer_work_is_not_reported_as_branches(llm, scorer):
+    _, events = _run(llm, "beam@4/2", watched=True, scorer=scorer)
     steps = {e["seq"] for e in events if e["kind"] == "step"}
     forked = {c for e in events if e["kind"] == "fork" for c in e["children"]}
     progressed = {e["seq"] for e in events if e["kind"] == "tokens"}

@@ -175,7 +175,7 @@ async def playground_run(body: PlaygroundRun, request: Request) -> Response:
     from ttscale.strategies.api import make_query
     from ttscale.tts.hygiene import Hygiene
     from ttscale.tts.session import Session
-    from ttscale.tts.watch import observe
+    from ttscale.tts.watch import Watch
 
     state = request.app.state
     llm, config, engine_loop = state.llm, state.config, state.engine_loop
@@ -238,10 +238,10 @@ async def playground_run(body: PlaygroundRun, request: Request) -> Response:
         loop.call_soon_threadsafe(queue.put_nowait, event.to_dict())
 
     def job():
-        session = Session(llm.engine, query.prompt_token_ids, tag="ui", observer=emit)
+        watch = Watch(emit, llm.engine.held_blocks)
+        session = Session(llm.engine, query.prompt_token_ids, tag="ui", observer=watch)
         try:
-            gen = observe(strategy.solve(session, query), emit, llm.engine.held_blocks)
-            return (yield from gen)
+            return (yield from watch.run(strategy.solve(session, query)))
         finally:
             session.close()  # frees every branch even if the strategy failed or was cancelled
 

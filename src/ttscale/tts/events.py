@@ -4,9 +4,9 @@ logs, other tools).
 A `Session` built with an `observer` calls it with one event per thing that happens to the
 problem's search tree: a request started, a branch forked, a step generated, a branch scored
 or pruned. Without an observer nothing is built (one `is None` test per call site).
-`ttscale.tts.watch.observe` wraps a strategy generator so that, in addition, the text of
-every running sequence is reported as it grows (between engine steps), and the result's
-candidates, vote and cost are reported when the strategy returns.
+`ttscale.tts.watch.Watch` is an observer that also wraps a strategy generator, so that the
+text of every branch is reported as it grows (between engine steps), and the result's
+candidates, vote and cost when the strategy returns.
 
 Observers run on the thread that drives the engine (the server's engine thread): they must
 be quick and must not touch the engine. Each event is a frozen dataclass with a `kind` and a
