@@ -253,6 +253,19 @@ def test_playground_majority_reports_votes(server):
 
 
 @pytest.mark.parametrize(
+    "spec", ["greedy", "sample", "weighted@4", "bon@4", "dvts@4/2", "tree@4", "adaptive@8"]
+)
+def test_every_strategy_streams_a_whole_run(server, spec):
+    events = _events(server, {**BEAM, "strategy": spec, "max_tokens": 8})
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "run" and kinds[-4:] == ["finished", "vote", "cost", "done"]
+    nodes = {e["seq"] for e in events if e["kind"] == "step"}
+    assert nodes and all(c["seq_id"] in nodes for c in events[-4]["candidates"])
+    assert {e["seq"] for e in events if e["kind"] == "tokens"} <= nodes
+    server.wait_pool_full()
+
+
+@pytest.mark.parametrize(
     ("change", "param"),
     [
         ({"strategy": "beam@8/3"}, "strategy"),  # N not a multiple of M
