@@ -192,6 +192,13 @@ def test_a_search_step_forked_with_a_grammar_follows_it(llm, compiler) -> None:
     assert_pool_full(llm)
 
 
+def nested_schema(levels: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -202,6 +209,10 @@ def test_a_search_step_forked_with_a_grammar_follows_it(llm, compiler) -> None:
         (lambda c: c.choice([]), "choices"),
         (lambda c: c.regex("a" * 70_000), "at most"),
         (lambda c: c.ebnf("root ::= root"), "matches no string"),
+        # Compile time: bounded repetitions and schema nesting are capped.
+        (lambda c: c.regex(r"[\s\S]{1,1000}"), "repetition bounds"),
+        (lambda c: c.json_schema({"type": "string", "pattern": "a{300}"}), "schema pattern"),
+        (lambda c: c.json_schema(nested_schema(60)), "nests deeper"),
     ],
 )
 def test_bad_grammars_are_one_line_errors(compiler, build, message) -> None:

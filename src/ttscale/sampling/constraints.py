@@ -23,6 +23,7 @@ Bitmask format (xgrammar's): int32 words, bit j of word w set iff token 32 * w +
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 # compiled automaton grow with it, and no real schema, regex or choice list comes near it.
 MAX_GRAMMAR_CHARS = 64 * 1024
 MAX_CHOICES = 1024
+# Compile time grows with bounded repetitions of wide classes (`[\s\S]{1,1000}`: seconds, one
+# masked state per repetition over the whole vocabulary) and superlinearly with schema
+# nesting: both are capped so one request cannot hold the compiler for long.
+MAX_REPEAT = 256
+MAX_SCHEMA_DEPTH = 100
+_REPEAT_RE = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
 # Compiled grammars xgrammar keeps (by source) before evicting the least recently used.
 _CACHE_LIMIT_BYTES = 256 * 2**20
 
@@ -193,9 +200,10 @@ class GrammarCompiler:
         text = schema if isinstance(schema, str) else json.dumps(schema)
         _check_size(text, "the JSON schema")
         try:
-            json.loads(text)
+            parsed = json.loads(text)
         except (ValueError, RecursionError) as e:
             raise ConstraintError(f"the JSON schema is not valid JSON: {e}") from None
+        _check_schema(parsed)
         return self._compile(
             f"json_schema: {text}",
             lambda c: c.compile_json_schema(text, any_whitespace=False, strict_mode=True),
@@ -207,6 +215,7 @@ class GrammarCompiler:
 
     def regex(self, pattern: str) -> Grammar:
         _check_size(pattern, "the regex")
+        _check_repeats(pattern, "the regex")
         return self._compile(f"regex: {pattern}", lambda c: c.compile_regex(pattern))
 
     def choice(self, choices: list[str]) -> Grammar:
@@ -223,6 +232,7 @@ class GrammarCompiler:
     def ebnf(self, grammar: str) -> Grammar:
         """A GBNF-style EBNF grammar whose start rule is ``root``."""
         _check_size(grammar, "the grammar")
+        _check_repeats(grammar, "the grammar")
         return self._compile(f"grammar: {grammar}", lambda c: c.compile_grammar(grammar))
 
     def _compile(self, source: str, build) -> Grammar:
@@ -243,6 +253,33 @@ class GrammarCompiler:
         if not bool(mask.any()):
             raise ConstraintError(f"the {source.split(':')[0]} matches no string")
         return grammar
+
+
+def _check_repeats(pattern: str, what: str) -> None:
+    for m in _REPEAT_RE.finditer(pattern):
+        bound = max(int(m.group(1)), int(m.group(2) or 0))
+        if bound > MAX_REPEAT:
+            raise ConstraintError(
+                f"{what} repeats {m.group(0)}: repetition bounds are at most {MAX_REPEAT}"
+            )
+
+
+def _check_schema(schema: Any) -> None:
+    """Nesting depth, and the regexes a schema holds (`pattern`, `patternProperties`)."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ConstraintError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                _check_repeats(node["pattern"], "a schema pattern")
+            if isinstance(node.get("patternProperties"), dict):
+                for key in node["patternProperties"]:
+                    _check_repeats(key, "a schema pattern")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _check_size(text: str, what: str) -> None:

@@ -55,7 +55,7 @@ from ttscale.server.streaming import (
     sse_stream,
     until_disconnected,
 )
-from ttscale.server.structured import Grammars
+from ttscale.server.structured import Grammars, requested_grammar
 from ttscale.server.ui_routes import router as ui_router
 from ttscale.server.validation import (
     Job,
@@ -80,6 +80,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     # One thread: HF tokenizers are not meant for concurrent calls, and one tokenizer busy
     # with a huge prompt must not stall the event loop (health checks, streams).
     tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="ttscale-tokenize")
+    # Structured outputs: grammars compile on their own thread (a big schema takes a second).
+    grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="ttscale-grammar")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,6 +89,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         yield
         await asyncio.to_thread(engine_loop.stop)
         tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        grammar_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ttscale", version="0.1.0", lifespan=lifespan)
     app.state.llm = llm
@@ -99,7 +102,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     token_text = TokenTexts(llm.tokenizer)
     app.include_router(ui_router)  # the dashboard: /ui, engine stats, playground runs (SSE)
-    grammars = Grammars(llm)  # structured outputs: compiled on the tokenizer thread
+    grammars = Grammars(llm)
 
     # -- errors: always OpenAI's shape, never a 500 for a client mistake
     @app.exception_handler(APIError)
@@ -141,6 +144,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def off_loop(fn, *args):
         """Tokenizing and templating take seconds on a large prompt: never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
+
+    async def grammar_of(body):
+        if not body.asks_for_grammar:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(grammar_thread, requested_grammar, body, grammars)
 
     async def echo_prefixes(job: Job) -> list[EchoPrefix]:
         """Each prompt's text, and its token logprobs when asked (a job on the engine)."""
@@ -242,7 +251,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = await off_loop(completion_job, body, llm, config, pool, grammars)
+        structured = await grammar_of(body)
+        job = await off_loop(completion_job, body, llm, config, pool, structured)
         if body.ttscale is not None:
             return await run_strategy_request(app, job, body.ttscale, request)
         return await serve(job, request)
@@ -254,7 +264,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = await off_loop(chat_job, body, llm, config, pool, grammars)
+        structured = await grammar_of(body)
+        job = await off_loop(chat_job, body, llm, config, pool, structured)
         if body.ttscale is not None:
             return await run_strategy_request(app, job, body.ttscale, request)
         return await serve(job, request)

@@ -75,6 +75,22 @@ class _SamplingRequest(_Strict):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+
+    @property
+    def asks_for_grammar(self) -> bool:
+        """Whether a structured-output field is set (`structured.requested_grammar` reads it)."""
+        fmt = self.response_format
+        return (fmt is not None and fmt.get("type", "text") != "text") or any(
+            getattr(self, name) is not None
+            for name in (
+                "structured_outputs",
+                "guided_json",
+                "guided_regex",
+                "guided_choice",
+                "guided_grammar",
+            )
+        )
+
     # Declared only to refuse it (400, see `validation.refuse_unsupported`) rather than
     # silently ignore what changes the output.
     logit_bias: dict[str, float] | None = None

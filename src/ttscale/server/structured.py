@@ -10,14 +10,15 @@ Accepted, one per request (two are a 400 naming the second):
 * vLLM's older ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``.
 
 Schemas are compiled strict (no properties beyond the schema's) and compact (no whitespace
-between JSON tokens). Compilation runs where the app tokenizes (its tokenizer thread), and
-xgrammar caches compiled grammars by source, so a schema repeated by every request of a client
-is compiled once.
+between JSON tokens). Compilation runs on the app's grammar thread (a slow schema never delays
+another request's tokenization), and xgrammar caches compiled grammars by source, so a schema
+repeated by every request of a client is compiled once.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from ttscale.llm import LLM
@@ -48,9 +49,15 @@ class Grammars:
             return self._compiler
 
 
-def requested_grammar(body: Any, grammars: Grammars) -> tuple[Grammar, str] | None:
-    """The grammar the body asks for and the field that asked, or None; APIError 400 for a
-    malformed or uncompilable one (`param` names the field)."""
+@dataclass(frozen=True)
+class Structured:
+    grammar: Grammar
+    field: str  # the request field that asked for it (errors name it)
+
+
+def requested_grammar(body: Any, grammars: Grammars) -> Structured | None:
+    """The grammar the body asks for, or None; APIError 400 for a malformed or uncompilable
+    one (`param` names the field)."""
     found: list[tuple[str, Any]] = []
     fmt = body.response_format
     if fmt is not None:
@@ -79,7 +86,7 @@ def requested_grammar(body: Any, grammars: Grammars) -> tuple[Grammar, str] | No
     ((field, value),) = found
     compiler = grammars.compiler
     try:
-        return _compile(field, value, compiler), field
+        return Structured(_compile(field, value, compiler), field)
     except ConstraintError as e:
         raise APIError(400, f"{field}: {e}", param=field) from None
 
@@ -120,4 +127,4 @@ def _compile(field: str, value: Any, c: GrammarCompiler) -> Grammar:
     return c.regex(value) if field == "guided_regex" else c.ebnf(value)
 
 
-__all__ = ["Grammars", "requested_grammar"]
+__all__ = ["Grammars", "Structured", "requested_grammar"]

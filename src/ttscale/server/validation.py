@@ -24,7 +24,7 @@ from ttscale.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from ttscale.server.structured import Grammars, requested_grammar
+from ttscale.server.structured import Structured
 
 
 @dataclass
@@ -103,10 +103,10 @@ def build_params(
     logprobs: int | None,
     api_names: dict[str, str],
     max_n: int,
-    grammars: Grammars,
-) -> tuple[SamplingParams, str | None]:
-    """SamplingParams from the request, and the field that asked for a grammar (if any); an
-    impossible value becomes a 400 naming its API field."""
+    structured: Structured | None,
+) -> SamplingParams:
+    """SamplingParams from the request (with its compiled grammar, if any); an impossible
+    value becomes a 400 naming its API field."""
     if body.n is not None and not 1 <= body.n <= max_n:
         raise APIError(400, f"n must be in [1, {max_n}], got {body.n}", param="n")
     kwargs: dict[str, Any] = {
@@ -124,11 +124,10 @@ def build_params(
                 param="stop",
             )
         kwargs["stop"] = body.stop
-    structured = requested_grammar(body, grammars)
     if structured is not None:
-        kwargs["constraint"] = structured[0]
+        kwargs["constraint"] = structured.grammar
     try:
-        return SamplingParams(**kwargs), structured[1] if structured else None
+        return SamplingParams(**kwargs)
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=api_names.get(e.field, e.field)) from None
 
@@ -166,7 +165,11 @@ def _check_kv(job: Job, pool: Pool, strategy: bool) -> None:
 
 
 def chat_job(
-    body: ChatCompletionRequest, llm: LLM, config: ServerConfig, pool: Pool, grammars: Grammars
+    body: ChatCompletionRequest,
+    llm: LLM,
+    config: ServerConfig,
+    pool: Pool,
+    structured: Structured | None = None,
 ) -> Job:
     refuse_unsupported(body)
     if not body.messages:
@@ -201,9 +204,9 @@ def chat_job(
         logprobs = body.top_logprobs or 0
     elif body.top_logprobs is not None:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    params, structured = build_params(body, max_tokens, logprobs, api_names, config.max_n, grammars)
+    params = build_params(body, max_tokens, logprobs, api_names, config.max_n, structured)
     job = _job("chat", body, [Prompt(text, ids)], params, config, default)
-    job.structured_field = structured
+    job.structured_field = structured.field if structured else None
     _check_kv(job, pool, body.ttscale is not None)
     return job
 
@@ -231,7 +234,11 @@ def _completion_prompts(body: CompletionRequest, llm: LLM, max_prompts: int) -> 
 
 
 def completion_job(
-    body: CompletionRequest, llm: LLM, config: ServerConfig, pool: Pool, grammars: Grammars
+    body: CompletionRequest,
+    llm: LLM,
+    config: ServerConfig,
+    pool: Pool,
+    structured: Structured | None = None,
 ) -> Job:
     refuse_unsupported(body)
     if body.echo and (body.stream or body.ttscale is not None):
@@ -240,7 +247,7 @@ def completion_job(
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
     for p in prompts:
         _check_max_tokens(len(p.token_ids), max_tokens, llm, "max_tokens")
-    params, structured = build_params(body, max_tokens, body.logprobs, {}, config.max_n, grammars)
+    params = build_params(body, max_tokens, body.logprobs, {}, config.max_n, structured)
     if len(prompts) * params.n > config.max_n:
         raise APIError(
             400,
@@ -250,7 +257,7 @@ def completion_job(
         )
     job = _job("completion", body, prompts, params, config)
     job.echo = bool(body.echo)
-    job.structured_field = structured
+    job.structured_field = structured.field if structured else None
     _check_kv(job, pool, body.ttscale is not None)
     return job
 
