@@ -354,3 +354,15 @@ def test_solve_progress_drives_the_strategy(llm) -> None:
                 assert engine is not llm.engine and engine.steps > 0
     assert [c.text for c in results[0].candidates] == [c.text for c in results[1].candidates]
     assert results[0].stats.forks == 2
+
+
+def test_split_specs_keeps_sampling_options_together() -> None:
+    from ttscale.eval.cli import split_specs
+
+    assert split_specs("greedy, majority@4:t=0.5,p=0.95,bon@8") == [
+        "greedy",
+        "majority@4:t=0.5,p=0.95",
+        "bon@8",
+    ]
+    assert split_specs("greedy,,majority@8") == ["greedy", "majority@8"]
+    assert split_specs("p=0.9,greedy") == ["p=0.9", "greedy"]  # refused later, as written

@@ -140,10 +140,25 @@ def _params(**kwargs: Any) -> Any:
         _fail(e)
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of strategy specs whose own sampling options are comma-separated
+    too: `greedy,majority@4:t=0.5,p=0.95` is `greedy` and `majority@4:t=0.5,p=0.95` (a piece
+    that is a bare `key=value` belongs to the spec before it)."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if specs and ":" in specs[-1] and "=" in piece and "@" not in piece and ":" not in piece:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
 def _strategies(spec: str) -> list[str]:
     from ttscale.strategies import make_strategy
 
-    specs = [s.strip() for s in spec.split(",") if s.strip()]
+    specs = split_specs(spec)
     if not specs:
         _fail("no strategy given (e.g. --strategies greedy,majority@8)")
     for s in specs:

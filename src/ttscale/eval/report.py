@@ -146,6 +146,7 @@ def summary_table(summary: dict[str, Any], wide: bool = False) -> Table:
     table = Table(
         title=f"{n} problems" if n is not None else None,
         caption=LEGEND,
+        caption_justify="left",
         box=box.SIMPLE_HEAD,  # one space between columns, no rules: fits 100 columns
         show_edge=False,
         padding=(0, 0),

@@ -41,11 +41,12 @@ def _table(title: str, caption: str | None, wide: bool) -> Any:
     from rich.table import Table
 
     if wide:
-        return Table(title=title, title_justify="left", caption=caption)
+        return Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     return Table(
         title=title,
         title_justify="left",
         caption=caption,
+        caption_justify="left",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         padding=(0, 0),
