@@ -495,3 +495,27 @@ def test_vote_simulation_matches_majority_vote():
         for k in (1, 3, 6):
             answers = [None if x < 0 else int(x) for x in seqs[d, :k]]
             assert hits[k][d] == (majority_vote(answers)[0] == 0)
+
+
+def test_cli_problem_counts_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """A 3-problem file: a 3-problem pilot leaves nothing to validate on, which is refused
+    before any model load (the load is made to fail); a pilot asking for more says so."""
+    import ttscale.llm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ttscale.llm.LLM, "__init__", refuse)
+    path = tmp_path / "three.jsonl"
+    rows = [{"question": f"what is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    runner = CliRunner()
+    args = ["plan", "--task", str(path), "-b", "10", "--pilot-samples", "2", "--probe-samples", "2"]
+    res = runner.invoke(make_app(), [*args, "--pilot-problems", "3", "--holdout", "2"])
+    assert res.exit_code == 2 and "no problems beyond the pilot's 3" in res.stderr
+    assert "Traceback" not in res.output
+    res = runner.invoke(make_app(), [*args, "--pilot-problems", "5", "--holdout", "0"])
+    assert res.exit_code != 0 and "has 3 problems, not --pilot-problems 5" in " ".join(
+        res.stderr.split()
+    )
+    assert isinstance(res.exception, AssertionError)  # it got as far as loading, then stopped
