@@ -118,6 +118,15 @@ def test_guided_json_streamed_completions_batch(api):
         assert_schema(text)
 
 
+def test_echo_with_a_grammar_prepends_the_prompt(api):
+    body = {**C, "n": 2, "echo": True, "logprobs": 1, "guided_choice": ["yes", "no"]}
+    r = post(api, COMPLETIONS, body)
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        assert choice["text"] in ("Helloyes", "Hellono")
+        assert choice["logprobs"]["token_logprobs"][0] is None  # the echoed prompt's first
+
+
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
