@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ttscale.errors import SamplingParamsError
 from ttscale.kvcache.config import SPARSE_POLICIES
-from ttscale.sampling.constraints import ConstraintSpec
+
+if TYPE_CHECKING:  # the grammar machinery (torch, xgrammar) is not needed to build params
+    from ttscale.sampling.constraints import ConstraintSpec
 
 MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 100.0
