@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ttscale.errors import SamplingParamsError
-from ttscale.kvcache.config import SPARSE_POLICIES
 
 if TYPE_CHECKING:  # the grammar machinery (torch, xgrammar) is not needed to build params
     from ttscale.sampling.constraints import ConstraintSpec
@@ -107,8 +106,13 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be non-negative integers")
         if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
             raise bad("logprobs", "must be in [0, 20]")
-        if self.sparse_attention is not None and self.sparse_attention not in SPARSE_POLICIES:
-            raise bad("sparse_attention", f"must be one of {', '.join(SPARSE_POLICIES)}")
+        if self.sparse_attention is not None:
+            # Imported here: kvcache imports torch, which building params (and the CLI's
+            # --help, which must stay fast) does not otherwise need.
+            from ttscale.kvcache.config import SPARSE_POLICIES
+
+            if self.sparse_attention not in SPARSE_POLICIES:
+                raise bad("sparse_attention", f"must be one of {', '.join(SPARSE_POLICIES)}")
         if self.kv_budget is not None and integer("kv_budget") < 1:
             raise bad("kv_budget", "must be >= 1 (the engine checks its own minimum)")
         if self.constraint is not None and self.min_tokens:
