@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 
 from ttscale.engine.llm_engine import LLMEngine, Proposer
 from ttscale.engine.outputs import RequestOutput
-from ttscale.engine.proposers import make_proposer
+from ttscale.engine.proposers import check_speculative, make_proposer
 from ttscale.engine.scheduler import SchedulerConfig
 from ttscale.kvcache import CacheConfig
+from ttscale.models.compiled import CompileConfig
 from ttscale.models.config import ModelConfig
 from ttscale.models.quant import load_for_compute
 from ttscale.models.registry import build_model
@@ -63,7 +64,11 @@ class LLM:
     `quantize`: "auto" | "none" | "native" | "int8" | "int4", what the matmuls compute with
     (models/quant.py: load_for_compute). `speculative="prompt_lookup"` drafts
     `num_speculative_tokens` tokens per step by n-gram lookup (engine/proposers.py); or pass
-    any `proposer`.
+    any `proposer`; `speculative="self"` drafts with this model's first `draft_layers`
+    layers (or those listed; default: the first half), `speculative="draft"` with a smaller
+    `draft_model` sharing the tokenizer. `SamplingParams(speculative=False)` turns it off
+    per request. `compile=True` runs decode-sized steps through torch.compile
+    (models/compiled.py; the first compile is paid once per machine, cached on disk).
     """
 
     def __init__(
@@ -79,6 +84,9 @@ class LLM:
         quantize: str = "auto",
         speculative: str | None = None,
         num_speculative_tokens: int = 4,
+        compile: bool = False,
+        draft_model: str | Path | None = None,
+        draft_layers: int | Sequence[int] | None = None,
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -86,7 +94,7 @@ class LLM:
         if speculative is not None:
             if proposer is not None:
                 raise ValueError("pass either speculative or proposer, not both")
-            proposer = make_proposer(speculative, num_speculative_tokens)
+            check_speculative(speculative, num_speculative_tokens, draft_model, draft_layers)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         cache_config, scheduler_config = _split_options(dict(engine_options))
@@ -98,6 +106,17 @@ class LLM:
         self.source = checkpoint.source
         self.tokenizer = checkpoint.tokenizer
         self.tokenizer.eos_token_ids |= frozenset(self.config.eos_token_ids)
+        if speculative is not None:
+            options = dict(dtype=_DTYPES[dtype], quantize=quantize, device=device, compile=compile)
+            proposer = make_proposer(
+                speculative,
+                num_speculative_tokens,
+                network,
+                self.tokenizer,
+                draft_model,
+                draft_layers,
+                options,
+            )
         self.engine = LLMEngine(
             network,
             self.tokenizer,
@@ -107,6 +126,7 @@ class LLM:
             max_model_len,
             hardware=_hardware(hardware),
             proposer=proposer,
+            compile_config=CompileConfig(enabled=compile),
         )
         self._ids = itertools.count()
 

@@ -27,6 +27,7 @@ from ttscale.errors import PromptTooLongError, StepError
 from ttscale.kvcache import CacheConfig
 from ttscale.kvcache.config import check_sparse
 from ttscale.kvcache.quant import kv_bytes_per_value
+from ttscale.models.compiled import CompileConfig
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
@@ -55,10 +56,13 @@ class LLMEngine:
         hardware: Hardware | None = None,
         executor: Executor | None = None,
         proposer: Proposer | None = None,
+        compile_config: CompileConfig | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.device = torch.device(device)
-        self.executor: Executor = executor or ModelRunner(model, cache_config, self.device)
+        self.executor: Executor = executor or ModelRunner(
+            model, cache_config, self.device, compile_config
+        )
         self.proposer = proposer
         self.cache_config = cache_config
         self.block_manager = BlockManager(
@@ -351,6 +355,19 @@ class LLMEngine:
         blocks = range(bm.num_blocks)
         return [bm.ref_count(b) for b in blocks], [bm.is_cached(b) for b in blocks]
 
+    def speculation_stats(self) -> dict[str, float]:
+        """Since start: drafts proposed and kept, the acceptance rate and the tokens a
+        sequence gained per step that verified drafts (1 = speculation bought nothing)."""
+        st = self.stats
+        drafted, steps = st["draft_tokens"], st["draft_steps"]
+        accepted = st["accepted_draft_tokens"]
+        return {
+            "draft_tokens": drafted,
+            "accepted_draft_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_step": 1 + accepted / steps if steps else 1.0,
+        }
+
     def kv_stats(self) -> dict[str, int | float]:
         bm = self.block_manager
         return {
@@ -393,21 +410,34 @@ class LLMEngine:
     # ---- speculative tokens ---------------------------------------------------------------
 
     def _propose(self) -> None:
-        """Appends the proposer's tokens to every decoding sequence, within its limits."""
+        """Appends the proposer's tokens to every decoding sequence, within its limits; one
+        `propose_batch` call for all of them when the proposer has it (a draft model)."""
         assert self.proposer is not None
+        todo: list[tuple[Sequence, int]] = []
         for seq in self.scheduler.running:
             # A grammar's mask is known for the next token only: no drafts under one.
             if seq.embed_only or seq.constraint or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            if not seq.params.speculative:  # the request turned speculation off
                 continue
             room = min(
                 seq.params.max_tokens - seq.num_step_tokens,
                 self.max_model_len - seq.num_tokens,
             )
-            if room <= 0:
-                continue
-            drafts = list(self.proposer.propose(seq.seq_id, seq.token_ids))[:room]
+            if room > 0:
+                todo.append((seq, room))
+        if not todo:
+            return
+        batch = getattr(self.proposer, "propose_batch", None)
+        if batch is not None:
+            proposed = batch([(seq.seq_id, seq.token_ids, room) for seq, room in todo])
+        else:
+            proposed = [self.proposer.propose(seq.seq_id, seq.token_ids) for seq, _ in todo]
+        for (seq, room), drafts in zip(todo, proposed, strict=True):
+            drafts = list(drafts)[:room]
             seq.token_ids += drafts
             seq.num_draft_tokens = len(drafts)
+            seq.request.draft_tokens += len(drafts)
             self.stats["draft_tokens"] += len(drafts)
 
     def _schedule_with_drafts(self) -> SchedulerOutput:
@@ -521,6 +551,8 @@ class LLMEngine:
             accepted += 1
         self.stats["accepted_draft_tokens"] += accepted
         self.stats["draft_steps"] += 1
+        seq.request.accepted_draft_tokens += accepted
+        seq.request.draft_steps += 1
         # KV is valid for the last accepted token's predecessors: keep exactly those.
         keep = seq.num_tokens + accepted
         seq.num_computed_tokens = keep
@@ -608,6 +640,7 @@ class LLMEngine:
             generated_tokens=generated,
             peak_kv_blocks=request.peak_kv_blocks,
             **request.cost.to_dict(),
+            **_speculation_usage(request),
         )
         return RequestOutput(
             request_id=request.request_id,
@@ -617,3 +650,14 @@ class LLMEngine:
             finished=request.finished,
             usage=usage,
         )
+
+
+def _speculation_usage(request: Request) -> dict[str, int | float | None]:
+    """A request's speculation figures for its Usage (rates None when nothing was drafted)."""
+    drafted, accepted = request.draft_tokens, request.accepted_draft_tokens
+    return {
+        "draft_tokens": drafted,
+        "accepted_draft_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "tokens_per_step": 1 + accepted / request.draft_steps if request.draft_steps else None,
+    }

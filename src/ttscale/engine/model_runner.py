@@ -12,13 +12,20 @@ from ttscale.cost.shapes import StepShape
 from ttscale.engine.executor import StepResult
 from ttscale.engine.scheduler import SchedulerOutput
 from ttscale.kvcache import CacheConfig, make_kv_cache, slot_mapping
+from ttscale.models.compiled import CompileConfig, CompiledForward
 from ttscale.models.llama import HiddenCapture
 
 
 class ModelRunner:
     """Owns the model and the KV tensors. Stateless between steps apart from the cache."""
 
-    def __init__(self, model: torch.nn.Module, config: CacheConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: CacheConfig,
+        device: torch.device,
+        compile_config: CompileConfig | None = None,
+    ) -> None:
         self.model, self.config, self.device = model, config, device
         mc = model.config
         weights_dtype = next(model.parameters()).dtype
@@ -33,6 +40,9 @@ class ModelRunner:
         self.num_blocks = self.kv_cache.num_blocks
         self.attention_cls = get_backend(config.attention)
         self.specs = with_block_topk(model.attention_specs, config)
+        # Small steps through the compiled graph when enabled (models/compiled.py).
+        context = min(mc.max_position_embeddings, self.num_blocks * config.block_size)
+        self.forward = CompiledForward(model, compile_config or CompileConfig(), context)
 
     def execute(self, batch: SchedulerOutput) -> StepResult:
         self.kv_cache.copy_blocks(batch.block_copies)
@@ -66,7 +76,7 @@ class ModelRunner:
         if hidden_rows:
             rows = torch.tensor(hidden_rows, device=self.device)
             capture = HiddenCapture(rows, tuple(batch.hidden_layers))
-        hidden = self.model(
+        hidden = self.forward(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
             attn,

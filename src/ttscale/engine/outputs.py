@@ -20,6 +20,13 @@ class Usage:
     roofline_time: float | None = None
     measured_time: float = 0.0
     utilization: float | None = None  # roofline_time / measured_time
+    # Speculative decoding: drafts proposed and kept over all samples; acceptance rate
+    # (kept / proposed) and tokens a sample gained per step that verified drafts (None when
+    # nothing was drafted for this request).
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    acceptance_rate: float | None = None
+    tokens_per_step: float | None = None
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Draft-token proposers for speculative decoding (the engine's `Proposer` protocol).
+"""Draft-token proposers for speculative decoding (the engine's `Proposer` protocol):
+prompt lookup (no second model) and a draft model (the target with layers skipped, or a
+smaller model sharing the tokenizer).
 
 The engine verifies every draft in the sequence's next step and keeps the longest prefix the
 model itself samples, so a proposer only affects speed, never the output distribution (for a
@@ -7,12 +9,25 @@ deterministic proposer; see `LLMEngine._accept_drafts`).
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from ttscale.engine.llm_engine import Proposer
+import torch
 
-SPECULATIVE_METHODS = ("prompt_lookup",)
+from ttscale.engine.llm_engine import LLMEngine, Proposer
+from ttscale.errors import ModelLoadError
+from ttscale.kvcache import CacheConfig
+from ttscale.models.compiled import CompileConfig
+from ttscale.models.config import ModelConfig
+from ttscale.models.quant import load_for_compute
+from ttscale.models.registry import build_model
+from ttscale.sampling.params import SamplingParams
+from ttscale.tokenizer import Tokenizer
+
+SPECULATIVE_METHODS = ("prompt_lookup", "self", "draft")
 
 
 class PromptLookupProposer:
@@ -51,11 +66,142 @@ class PromptLookupProposer:
         return []
 
 
-def make_proposer(method: str, num_speculative_tokens: int) -> Proposer:
-    """`LLM(speculative=...)`'s proposer by name."""
+class DraftModelProposer:
+    """Speculation with a draft model: the draft decodes `k` greedy tokens for every
+    decoding sequence, all sequences batched in one step of its own engine (its own paged
+    KV cache; its prefix cache keeps each sequence's blocks between calls, so a call
+    computes the tokens accepted since the last one plus k - 1 decode steps).
+
+    The draft is the target with later layers skipped (`speculative="self"`, sharing the
+    weights) or a smaller model with the same tokenizer (`speculative="draft"`). Greedy, so
+    deterministic given the tokens: the engine's acceptance keeps the target distribution
+    at any temperature.
+    """
+
+    def __init__(self, engine: LLMEngine, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, not {k}")
+        self.engine, self.k = engine, k
+        self._ids = itertools.count()
+
+    def propose(self, seq_id: int, token_ids: Sequence[int]) -> list[int]:
+        return self.propose_batch([(seq_id, token_ids, self.k)])[0]
+
+    def propose_batch(self, items: Sequence[tuple[int, Sequence[int], int]]) -> list[list[int]]:
+        """For each (seq_id, tokens, at most this many): its drafts, all in one run."""
+        engine = self.engine
+        requests = []
+        for _, token_ids, limit in items:
+            n = min(self.k, limit)
+            if n < 1 or len(token_ids) + n > engine.max_model_len:
+                requests.append(None)  # no room (or past the draft's context): no drafts
+                continue
+            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+            rid = f"draft-{next(self._ids)}"
+            requests.append(engine.add_request(rid, token_ids, params))
+        while engine.has_unfinished:
+            engine.step()
+        return [[] if r is None else list(r.sequences[0].output_token_ids) for r in requests]
+
+
+# The draft engine's KV pool: its sequences are the target's decoding ones, and finished
+# drafts leave their blocks cached for the next call.
+DRAFT_KV_CACHE_GB = 0.25
+
+
+def make_proposer(
+    method: str,
+    num_speculative_tokens: int,
+    target: torch.nn.Module | None = None,
+    tokenizer: Tokenizer | None = None,
+    draft_model: str | Path | None = None,
+    draft_layers: int | Sequence[int] | None = None,
+    draft_options: dict[str, Any] | None = None,
+) -> Proposer:
+    """`LLM(speculative=...)`'s proposer by name. "self" and "draft" need the loaded target
+    and its tokenizer; "draft" loads `draft_model`. `draft_options`: dtype, quantize and
+    device (of `load_draft`), compile (the draft engine's steps compiled too)."""
+    check_speculative(method, num_speculative_tokens, draft_model, draft_layers)
     if method == "prompt_lookup":
         return PromptLookupProposer(num_speculative_tokens)
-    raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, not {method!r}")
+    assert target is not None and tokenizer is not None
+    options = dict(draft_options or {})
+    compile_config = CompileConfig(enabled=bool(options.pop("compile", False)))
+    if method == "self":
+        model = target.layer_skip(self_draft_layers(target.config.num_hidden_layers, draft_layers))
+    else:
+        model = load_draft(draft_model, tokenizer, target, **options)
+    engine = LLMEngine(
+        model,
+        tokenizer,
+        CacheConfig(kv_cache_gb=DRAFT_KV_CACHE_GB, enable_prefix_caching=True),
+        device=options.get("device", "cpu"),
+        compile_config=compile_config,
+    )
+    return DraftModelProposer(engine, num_speculative_tokens)
+
+
+def self_draft_layers(total: int, draft_layers: int | Sequence[int] | None) -> list[int]:
+    """The layers a self-speculation draft keeps: the first `draft_layers` (default: half),
+    or the listed ones."""
+    if draft_layers is None:
+        return list(range(max(1, total // 2)))
+    if isinstance(draft_layers, int):
+        if not 1 <= draft_layers < total:
+            raise ValueError(f"draft_layers must be in [1, {total}), not {draft_layers}")
+        return list(range(draft_layers))
+    return [int(i) for i in draft_layers]
+
+
+def check_speculative(
+    method: str,
+    num_speculative_tokens: int,
+    draft_model: str | Path | None = None,
+    draft_layers: int | Sequence[int] | None = None,
+) -> None:
+    """Refuses bad speculation options before any model is loaded."""
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(
+            f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, not {method!r}"
+        )
+    if num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, not {num_speculative_tokens}")
+    if method == "draft" and draft_model is None:
+        raise ValueError("speculative='draft' needs draft_model (a path to a smaller model)")
+    if method != "draft" and draft_model is not None:
+        raise ValueError(f"draft_model is for speculative='draft', not {method!r}")
+    if method != "self" and draft_layers is not None:
+        raise ValueError(f"draft_layers is for speculative='self', not {method!r}")
+
+
+def load_draft(
+    path: str | Path | None,
+    tokenizer: Tokenizer,
+    target: torch.nn.Module,
+    dtype: torch.dtype = torch.float32,
+    quantize: str = "auto",
+    device: str = "cpu",
+) -> torch.nn.Module:
+    """A smaller model for drafting; refused unless its tokenizer maps every token to the
+    same id as the target's (drafts are token ids)."""
+    checkpoint = load_for_compute(path, dtype, quantize, device)
+    ours, theirs = tokenizer.hf.get_vocab(), checkpoint.tokenizer.hf.get_vocab()
+    if ours != theirs:
+        differ = sum(1 for t, i in theirs.items() if ours.get(t) != i) + len(
+            set(ours) - set(theirs)
+        )
+        raise ModelLoadError(
+            f"draft model {checkpoint.source} has another tokenizer than the target "
+            f"({len(theirs)} vs {len(ours)} tokens, {differ} ids differ): speculation needs "
+            "the same token ids"
+        )
+    config = ModelConfig.from_hf(checkpoint.config)
+    if config.vocab_size != target.config.vocab_size:
+        raise ModelLoadError(
+            f"draft model {checkpoint.source} has {config.vocab_size} logits, the target "
+            f"{target.config.vocab_size}: speculation needs the same vocabulary"
+        )
+    return build_model(config, checkpoint.tensors, dtype, device)
 
 
 def speculation_stats(stats: dict[str, float]) -> dict[str, float]:

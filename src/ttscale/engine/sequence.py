@@ -39,6 +39,10 @@ class Request:
     forked: bool = False  # the n samples exist
     retain: bool = False  # keep finished sequences' blocks until release() (for search)
     cost: RunCost = field(default_factory=RunCost)  # its share of every step it was in
+    # Speculation: drafts proposed, drafts kept, and sequence-steps that verified drafts.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    draft_steps: int = 0
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ttscale.errors import ModelLoadError
 from ttscale.loader.checkpoint import GroupQuantized
-from ttscale.models.quant import QuantizedWeight, pack_quantized
+from ttscale.models.quant import QuantizedWeight, onednn_linear, pack_quantized
 
 
 def _onednn_available() -> bool:
@@ -83,8 +83,8 @@ class Linear(nn.Module):
             return out.view(*shape[:-1], self.out_features)
         if self.packed is not None:
             shape = x.shape
-            out = torch.ops.mkldnn._linear_pointwise(
-                x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], ""
+            out = onednn_linear(
+                x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features
             )
             return out.view(*shape[:-1], self.out_features)
         if self.weight_t is not None:
@@ -151,11 +151,19 @@ class RotaryEmbedding(nn.Module):
             self._cos, self._sin = emb.cos(), emb.sin()
         return self._cos, self._sin
 
+    def reserve(self, length: int) -> None:
+        """Builds the table for positions < `length` now. A compiled forward cannot grow it
+        (reading `positions.max()` would break the graph), so it reserves the context."""
+        self._table(length, self.inv_freq.device)
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,); q: (T, H, D); k: (T, KVH, D)."""
-        cos_table, sin_table = self._table(int(positions.max()) + 1, positions.device)
+        if torch.compiler.is_compiling():  # reserved up front (models/compiled.py)
+            cos_table, sin_table = self._cos, self._sin
+        else:
+            cos_table, sin_table = self._table(int(positions.max()) + 1, positions.device)
         cos = cos_table[positions].unsqueeze(1).to(q.dtype)  # (T, 1, D)
         sin = sin_table[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -10,6 +10,8 @@ and vLLM do); `load_weights` maps the checkpoint's own parameter names onto the 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -223,6 +225,10 @@ class LlamaForCausalLM(nn.Module):
             else:
                 self.lm_head.weight = self.embed_tokens.weight
 
+    def layer_skip(self, keep: Sequence[int]) -> LayerSkipDraft:
+        """This model with only the decoder layers `keep` (self-speculation's draft)."""
+        return LayerSkipDraft(self, keep)
+
     def pack(self) -> None:
         """Puts every matmul weight in its fast layout for the current device (layers.Linear).
         A tied head gets its own packed copy: the embedding lookup needs the plain rows."""
@@ -252,3 +258,65 @@ class LlamaForCausalLM(nn.Module):
                 return
             tensor = tensor.dequantize()  # a tied embedding's lookup needs the values
         module._parameters[attr] = nn.Parameter(tensor.to(self._dtype), requires_grad=False)
+
+
+class LayerSkipDraft(nn.Module):
+    """The model with some decoder layers skipped, sharing every weight: the draft of
+    self-speculative decoding (Zhang et al. 2023, "Draft & Verify"; LayerSkip's early exit
+    when `keep` is a prefix). It runs its own KV cache of len(keep) layers, so its attention
+    specs are renumbered 0..len(keep) - 1 and the layers' own specs are mapped onto them.
+    Deterministic given the tokens, so drafting greedily with it keeps the target's
+    distribution under the engine's acceptance (engine/llm_engine.py: _accept_drafts)."""
+
+    def __init__(self, model: LlamaForCausalLM, keep: Sequence[int]) -> None:
+        super().__init__()
+        total = model.config.num_hidden_layers
+        keep = tuple(int(i) for i in keep)
+        if not keep or list(keep) != sorted(set(keep)) or not 0 <= keep[0] <= keep[-1] < total:
+            raise ValueError(
+                f"draft layers must be increasing, distinct and in [0, {total}), not {list(keep)}"
+            )
+        self.keep = keep
+        # Not a submodule: the weights stay the target's (one copy, not counted twice).
+        object.__setattr__(self, "target", model)
+        self.config = dataclasses.replace(model.config, num_hidden_layers=len(keep))
+        self.rotary = model.rotary
+        self.attention_specs = [
+            dataclasses.replace(model.attention_specs[i], layer_idx=j) for j, i in enumerate(keep)
+        ]
+        self._specs = {i: spec for i, spec in zip(keep, self.attention_specs, strict=True)}
+        self.layers = [model.layers[i] for i in keep]
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        return self.target.parameters(recurse)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionContext,
+        capture: HiddenCapture | None = None,
+    ) -> torch.Tensor:
+        if capture is not None:
+            raise ValueError("a layer-skip draft keeps no hidden states")
+        remapped = _RenumberedAttention(attn, self._specs)
+        with torch.inference_mode():
+            x = self.target.embed_tokens(input_ids)
+            for layer in self.layers:
+                x = layer(x, positions, self.rotary, remapped)
+            return self.target.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.target.compute_logits(hidden)
+
+
+class _RenumberedAttention:
+    """Hands the draft's own layer numbers (its KV cache's) to the attention context."""
+
+    def __init__(self, attn: AttentionContext, specs: dict[int, AttentionLayerSpec]) -> None:
+        self.attn, self.specs = attn, specs
+
+    def __call__(
+        self, spec: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        return self.attn(self.specs[spec.layer_idx], q, k, v)

@@ -46,6 +46,50 @@ _INT4_ROWS = 16  # the int4 kernel's N granularity
 _COMPUTE_DTYPE = torch.bfloat16  # the kernels' vectorized activation type
 
 
+# Opaque ops for the compiled graph (models/compiled.py): inductor's own lowerings of these
+# kernels assume a frozen constant oneDNN weight, or read the int4 group size back with a
+# tensor `.item()` per call. Registered with torch.library's low-level API: the
+# `custom_op` wrapper costs tens of microseconds per call, at ~120 matmuls a step too much.
+_LIB = torch.library.Library("ttscale", "FRAGMENT")
+_LIB.define("onednn_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
+_LIB.define("int4_mm(Tensor x, Tensor packed, int group_size, Tensor scales_zeros) -> Tensor")
+
+
+def _onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
+) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros)
+
+
+_LIB.impl("onednn_linear", _onednn_linear, "CompositeExplicitAutograd")
+_LIB.impl("int4_mm", _int4_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ttscale::onednn_linear", lib=_LIB)
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.register_fake("ttscale::int4_mm", lib=_LIB)
+def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor):
+    return x.new_empty(x.shape[0], packed.shape[0])  # (T, N rounded up to 16)
+
+
+def onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x (T, K) @ a oneDNN-packed weight -> (T, out_features)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ttscale.onednn_linear(x, packed, bias, out_features)
+    return _onednn_linear(x, packed, bias, out_features)
+
+
 class _WithDense:
     """Many-row steps (prefill, parallel sampling) on a bf16 oneDNN copy of the dequantized
     weight (the file's values rounded to bf16): the quantized kernels are GEMV-style and
@@ -63,10 +107,7 @@ class _WithDense:
     def _dense_mm(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.dense is None or x.shape[0] <= GEMV_ROWS:
             return None
-        out = torch.ops.mkldnn._linear_pointwise(
-            x.to(_COMPUTE_DTYPE), self.dense, None, "none", [], ""
-        )
-        return out.to(x.dtype)
+        return onednn_linear(x.to(_COMPUTE_DTYPE), self.dense, None, self.out_features).to(x.dtype)
 
 
 class Int4Weight(_WithDense):
@@ -93,9 +134,8 @@ class Int4Weight(_WithDense):
         """x: (T, K) -> (T, N) in x's dtype."""
         if (out := self._dense_mm(x)) is not None:
             return out
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(_COMPUTE_DTYPE), self.packed, self.group_size, self.scales_zeros
-        )
+        mm = torch.ops.ttscale.int4_mm if torch.compiler.is_compiling() else _int4_mm
+        out = mm(x.to(_COMPUTE_DTYPE), self.packed, self.group_size, self.scales_zeros)
         if out.shape[1] != self.out_features:
             out = out[:, : self.out_features]
         return out.to(x.dtype, memory_format=torch.contiguous_format)

@@ -40,6 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    speculative: bool = True  # False: no draft tokens for this request (LLM(speculative=...))
     # Block top-k sparse decode attention for this request (None: the engine's setting):
     # "dense" or "block_topk", with a KV token budget per decode step (None: the engine's).
     sparse_attention: str | None = None
@@ -104,6 +105,8 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        if not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be true or false")
         if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
             raise bad("logprobs", "must be in [0, 20]")
         if self.sparse_attention is not None:
