@@ -144,3 +144,32 @@ def test_engine_block_topk_forks_per_request_and_refusals(model_dir):
         fast.generate([PROMPT], SamplingParams(kv_budget=8), use_tqdm=False)
     with pytest.raises(ValueError, match="needs an engine started with"):
         dense.generate([PROMPT], SamplingParams(sparse_attention="block_topk"), use_tqdm=False)
+
+
+def test_server_requests_choose_attention_or_get_a_400(model_dir):
+    """The OpenAI-compatible body's `sparse_attention` / `kv_budget` extras reach the
+    request's SamplingParams; settings the engine cannot run are a 400 naming the field."""
+    pytest.importorskip("fastapi")
+    from ttscale.server.admission import Pool
+    from ttscale.server.config import ServerConfig
+    from ttscale.server.errors import APIError
+    from ttscale.server.protocol import CompletionRequest
+    from ttscale.server.validation import completion_job
+
+    llm = tiny_llm(model_dir, sparse_attention="block_topk", kv_budget=24, sparse_window=8)
+    stats = llm.engine.kv_stats()
+    pool = Pool(stats["num_blocks"], stats["block_size"])
+
+    def job(**extra):
+        body = CompletionRequest(prompt=PROMPT, max_tokens=4, **extra)
+        return completion_job(body, llm, ServerConfig(), pool)
+
+    assert job(sparse_attention="dense").params.sparse_attention == "dense"
+    assert job(kv_budget=64).params.kv_budget == 64
+    for extra, param in (
+        ({"sparse_attention": "quest"}, "sparse_attention"),
+        ({"kv_budget": 8}, "kv_budget"),
+    ):
+        with pytest.raises(APIError) as e:
+            job(**extra)
+        assert e.value.status == 400 and e.value.param == param, e.value

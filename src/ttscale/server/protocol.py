@@ -67,6 +67,10 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(None, ge=1 / MAX_PENALTY, le=MAX_PENALTY, **_Finite)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
+    # ttscale extras: block top-k sparse decode attention for this request ("dense" or
+    # "block_topk"; the engine must run block_topk), and its KV token budget.
+    sparse_attention: str | None = None
+    kv_budget: int | None = Field(None, ge=1)
     ttscale: TTScaleOptions | None = None
     # Structured outputs (`structured.py`); `Any`: each is type-checked there, by name.
     response_format: dict[str, Any] | None = None

@@ -63,6 +63,8 @@ _SAMPLING_FIELDS = (
     "seed",
     "min_tokens",
     "ignore_eos",
+    "sparse_attention",
+    "kv_budget",
 )
 
 # Fields that would change the output and that the server does not implement: a 400 naming
@@ -142,6 +144,15 @@ def _check_prompt(ids: list[int], llm: LLM, param: str) -> None:
         raise APIError(400, str(e), param=param) from None
 
 
+def _check_attention(params: SamplingParams, llm: LLM) -> None:
+    """The engine's checks of the request's sparse attention settings, as a 400."""
+    try:
+        llm.engine.validate_params(params)
+    except ValueError as e:
+        param = "kv_budget" if str(e).startswith("kv_budget") else "sparse_attention"
+        raise APIError(400, str(e), param=param) from None
+
+
 def _check_max_tokens(prompt_len: int, max_tokens: int, llm: LLM, param: str) -> None:
     room = llm.engine.max_model_len - prompt_len
     if max_tokens > room:
@@ -205,6 +216,7 @@ def chat_job(
     elif body.top_logprobs is not None:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     params = build_params(body, max_tokens, logprobs, api_names, config.max_n, structured)
+    _check_attention(params, llm)
     job = _job("chat", body, [Prompt(text, ids)], params, config, default)
     job.structured_field = structured.field if structured else None
     _check_kv(job, pool, body.ttscale is not None)
@@ -248,6 +260,7 @@ def completion_job(
     for p in prompts:
         _check_max_tokens(len(p.token_ids), max_tokens, llm, "max_tokens")
     params = build_params(body, max_tokens, body.logprobs, {}, config.max_n, structured)
+    _check_attention(params, llm)
     if len(prompts) * params.n > config.max_n:
         raise APIError(
             400,
