@@ -191,7 +191,9 @@ def cost(
     ] = 1,
     kv_dtype: Annotated[
         str,
-        typer.Option(help="KV cache format: auto (the compute dtype), bf16, fp16, fp32, int8."),
+        typer.Option(
+            help="KV cache format: auto (the compute dtype), bf16, fp16, fp32, int8, kivi4, kivi2."
+        ),
     ] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -217,7 +219,7 @@ def cost(
             step_model=steps,
             kv_budget=budget,
             sparse_dense_layers=sparse_dense_layers,
-            kv_bytes=_kv_bytes(kv_dtype, shape, dtype),
+            kv_bytes=_kv_bytes(kv_dtype, shape, dtype, block_size),
         )
     except (ValueError, FileNotFoundError) as e:
         raise fail(str(e)) from None
@@ -237,13 +239,15 @@ def _sparse_budget(policy: str, budget: int, block_size: int | None) -> int | No
     return budget if policy == "block_topk" else None
 
 
-def _kv_bytes(kv_dtype: str, shape: ModelShape, dtype: str) -> float | None:
+def _kv_bytes(kv_dtype: str, shape: ModelShape, dtype: str, block_size: int | None) -> float | None:
     """Bytes per K/V value of a KV format (scales included); None: the compute dtype's."""
     fmt = canonical_kv_format(kv_dtype, "--kv-dtype")
     if fmt == "auto":
         return None
     compute = {"fp32": torch.float32, "fp16": torch.float16}.get(normalize_dtype(dtype))
-    return kv_bytes_per_value(fmt, shape.head_dim, compute or torch.bfloat16)
+    return kv_bytes_per_value(
+        fmt, shape.head_dim, compute or torch.bfloat16, block_size or SPARSE_BLOCK
+    )
 
 
 def _step_model(

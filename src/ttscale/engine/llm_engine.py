@@ -72,7 +72,10 @@ class LLMEngine:
         self.sampler = Sampler()
         dtype = next(model.parameters()).dtype
         kv_bytes = kv_bytes_per_value(
-            cache_config.kv_cache_dtype, model.config.head_dim, cache_config.pool_dtype(dtype)
+            cache_config.kv_cache_dtype,
+            model.config.head_dim,
+            cache_config.pool_dtype(dtype),
+            cache_config.block_size,
         )
         self.cost_meter = CostMeter(model.config, dtype, hardware, kv_bytes=kv_bytes)
         # A sequence longer than the pool could never run, even alone: cap it.

@@ -8,8 +8,9 @@ import torch
 
 # Full-precision pool formats; the names users may give for them.
 FLOAT_FORMATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Quantized formats (kvcache/quant.py). int8: symmetric, one fp32 scale per token and KV head.
-QUANT_FORMATS = ("int8",)
+# Quantized formats (kvcache/quant.py). int8: symmetric, one fp32 scale per token and KV head;
+# kivi4 / kivi2: KIVI's asymmetric 4 / 2-bit codes, keys per channel per block, values per token.
+QUANT_FORMATS = ("int8", "kivi4", "kivi2")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 KV_CACHE_DTYPES = ("auto", *FLOAT_FORMATS, *_ALIASES, *QUANT_FORMATS)
 

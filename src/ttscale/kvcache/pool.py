@@ -61,6 +61,11 @@ class KVCache:
         """Every tensor indexed (layer, slot, ...): what copy-on-write duplicates."""
         return [self.k, self.v]
 
+    def block_tensors(self) -> list[torch.Tensor]:
+        """Every tensor indexed (layer, block, ...) (a format's per-block scales; the mean
+        keys are handled apart): what copy-on-write duplicates too."""
+        return []
+
     @property
     def device(self) -> torch.device:
         return self.k.device
@@ -70,10 +75,18 @@ class KVCache:
         """Bytes one token's K and V take in one layer."""
         return 2 * n_kv_heads * head_dim * dtype.itemsize
 
+    @classmethod
+    def block_bytes(
+        cls, n_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int
+    ) -> float:
+        """Bytes one block takes in one layer, its scales included (not the mean keys)."""
+        return block_size * cls.token_bytes(n_kv_heads, head_dim, dtype)
+
     @property
-    def bytes_per_token(self) -> int:
+    def bytes_per_token(self) -> float:
         """Bytes one token's K and V take over all layers, scales included."""
-        return self.num_layers * self.token_bytes(self.n_kv_heads, self.head_dim, self.dtype)
+        per_block = self.block_bytes(self.n_kv_heads, self.head_dim, self.dtype, self.block_size)
+        return self.num_layers * per_block / self.block_size
 
     # ---- access -------------------------------------------------------------------------
 
@@ -152,6 +165,8 @@ class KVCache:
         dst = (dst_blocks[:, None] * bs + offsets).flatten()
         for t in self.row_tensors():
             t[:, dst] = t[:, src]
+        for t in self.block_tensors():
+            t[:, dst_blocks] = t[:, src_blocks]
         if self.key_means is not None:
             self.key_means[:, dst_blocks] = self.key_means[:, src_blocks]
 

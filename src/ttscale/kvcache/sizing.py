@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ttscale.kvcache.config import CacheConfig
@@ -15,10 +17,10 @@ def block_bytes(
     """Bytes one block takes in every layer: K, V, scales, and the fp32 mean key block top-k
     keeps per block and KV head."""
     pool = pool_class(config.kv_cache_dtype)
-    size = num_layers * config.block_size * pool.token_bytes(n_kv_heads, head_dim, dtype)
+    size = num_layers * pool.block_bytes(n_kv_heads, head_dim, dtype, config.block_size)
     if config.tracks_block_keys:
         size += num_layers * n_kv_heads * head_dim * 4
-    return size
+    return math.ceil(size)
 
 
 def make_kv_cache(
