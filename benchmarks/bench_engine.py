@@ -12,6 +12,12 @@ Workloads (each engine that supports it):
   copy      fix the typos of a ~400-token text and write it out: 256 new tokens, greedy, EOS
             ignored (the answer repeats the prompt: what prompt-lookup speculation is for)
   rss       peak RSS of each engine's process
+  long      the Kinetics regime (run on its own: --workloads long): n=16 samples of a
+            512-token prompt, 2,048 new tokens each (T=0.8, EOS ignored), ttscale dense fp32
+            and bf16, bf16 + block top-k (B=256), + int8 KV, + both, + kivi4 KV, and llama.cpp
+            with f16 and q8_0 KV (flash attention on): decode tok/s over the run and over its
+            last 128 steps (context near 2.5k), peak KV MiB, peak RSS. Smoke check:
+            --workloads long --long-n 4 --long-new-tokens 64 --long-prompt-tokens 128
 
 Every engine runs in its own subprocess (this script with `--engine NAME`), so peak RSS is its
 own and engines never compete for threads or memory. The parent tokenizes the prompts once
@@ -196,6 +202,214 @@ RUNNERS = {
     "transformers": peers.run_transformers,
     "llamacpp": peers.run_llamacpp,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# The `long` workload: one process per configuration (its own peak RSS).
+# --------------------------------------------------------------------------------------------
+
+# name -> LLM options (ttscale) or the KV type (llama.cpp). The sparse / quantized columns
+# use bf16 weights, so "same dtype" comparisons read against ttscale-bf16.
+LONG_CONFIGS: dict[str, dict[str, Any]] = {
+    "ttscale-fp32": {"dtype": "float32"},
+    "ttscale-bf16": {"dtype": "bfloat16"},
+    "ttscale-bf16-topk": {"dtype": "bfloat16", "sparse_attention": "block_topk"},
+    "ttscale-bf16-int8": {"dtype": "bfloat16", "kv_cache_dtype": "int8"},
+    "ttscale-bf16-topk-int8": {
+        "dtype": "bfloat16",
+        "sparse_attention": "block_topk",
+        "kv_cache_dtype": "int8",
+    },
+    "ttscale-bf16-kivi4": {"dtype": "bfloat16", "kv_cache_dtype": "kivi4"},
+    "llamacpp-f16": {"llamacpp_kv": "f16"},
+    "llamacpp-q8_0": {"llamacpp_kv": "q8_0"},
+}
+
+
+def run_ttscale_long(spec: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """n samples of the long prompt through the engine step by step, timestamping each step
+    and tracking the KV blocks in use."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from ttscale import LLM, SamplingParams
+
+    options = dict(options)
+    if options.get("sparse_attention"):
+        options["kv_budget"] = spec["long_budget"]
+    n, T, ids = spec["long_n"], spec["long_new_tokens"], spec["long_prompt"]
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=spec["model_path"],
+        num_threads=spec["threads"],
+        quantize="none",
+        kv_cache_gb=spec["long_kv_gb"],
+        **options,
+    )
+    results: dict[str, Any] = {"load_s": time.perf_counter() - t0}
+    engine = llm.engine
+    cache = engine.executor.kv_cache
+
+    def run(new_tokens: int, request_id: str) -> tuple[list[float], int]:
+        params = SamplingParams(
+            n=n,
+            temperature=spec["temperature"],
+            top_p=spec["top_p"],
+            seed=spec["seed"],
+            max_tokens=new_tokens,
+            ignore_eos=True,
+        )
+        engine.add_request(request_id, ids, params)
+        stamps, peak_blocks = [], 0
+        while engine.has_unfinished:
+            outs = engine.step()
+            peak_blocks = max(peak_blocks, engine.kv_stats()["num_used_blocks"])
+            if any(o.usage.generated_tokens for o in outs):
+                stamps.append(time.perf_counter())
+        return stamps, peak_blocks
+
+    run(4, "warm-up")
+    t0 = time.perf_counter()
+    stamps, peak_blocks = run(T, "long")
+    wall = time.perf_counter() - t0
+    block_bytes = cache.block_size * cache.bytes_per_token
+    if cache.key_means is not None:
+        block_bytes += cache.key_means[:, 0].numel() * 4
+    results["long"] = {
+        **peers.long_decode_metrics(stamps, n, T, spec["long_tail_steps"]),
+        "wall_s": wall,
+        "n": n,
+        "prompt_tokens": len(ids),
+        "new_tokens": n * T,
+        "peak_kv_blocks": peak_blocks,
+        "peak_kv_mib": peak_blocks * block_bytes / 2**20,
+        "kv_bytes_per_token": cache.bytes_per_token,
+        "options": options,
+    }
+    return results
+
+
+def long_child_main(config: str, spec_path: Path, result_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    options = LONG_CONFIGS[config]
+    result: dict[str, Any] = {"engine": config, "status": "ok"}
+    t0 = time.perf_counter()
+    try:
+        if "llamacpp_kv" in options:
+            result["workloads"] = peers.run_llamacpp_long(spec, options["llamacpp_kv"])
+        else:
+            result["workloads"] = run_ttscale_long(spec, options)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        result.update(status="error", error=f"{type(e).__name__}: {e}")
+    result["wall_s"] = time.perf_counter() - t0
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result_path.write_text(json.dumps(result))
+    return 0
+
+
+def run_long(args: argparse.Namespace) -> int:
+    """The `long` workload: every configuration in its own process, one table."""
+    configs = [c.strip() for c in args.long_configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in LONG_CONFIGS:
+            sys.exit(f"unknown long config {c!r}; choose from {', '.join(LONG_CONFIGS)}")
+    machine = peers.machine_info()
+    print(f"machine: {machine['cpu']} | {machine['cores']} cores | torch {machine['torch']}")
+    tokenizer = peers.load_tokenizer()
+    prompt = peers.long_prompt(tokenizer, args.long_prompt_tokens)
+    spec = {
+        "model_path": str(peers.model_path()),
+        "threads": args.threads,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "long_prompt": prompt,
+        "long_n": args.long_n,
+        "long_new_tokens": args.long_new_tokens,
+        "long_budget": args.long_budget,
+        "long_tail_steps": args.long_tail_steps,
+        "long_kv_gb": args.long_kv_gb,
+    }
+    print(
+        f"long: n={args.long_n}, prompt {len(prompt)} tok, {args.long_new_tokens} new tokens "
+        f"each, block top-k B={args.long_budget}, threads={args.threads}"
+    )
+    from ttscale.cost.shapes import ModelShape
+
+    shape = ModelShape.from_path(peers.model_path())
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_long_") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        for config in configs:
+            if "llamacpp_kv" in LONG_CONFIGS[config] and not peers.llama_cpp_available()[0]:
+                results[config] = {"status": "skipped", "error": "llama_cpp not importable"}
+                continue
+            peers.wait_for_quiet(args.quiet_wait)
+            peers.log(f"{config}: starting")
+            result_path = Path(tmp) / f"result_{config}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--long-config", config]
+            cmd += ["--spec", str(spec_path), "--result", str(result_path)]
+            env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env[var] = str(args.threads)
+            subprocess.run(cmd, env=env, timeout=args.timeout)
+            if result_path.is_file():
+                results[config] = json.loads(result_path.read_text())
+            else:
+                results[config] = {"status": "error", "error": "no result"}
+            r = results[config]
+            long = (r.get("workloads") or {}).get("long") or {}
+            if "kv_type" in long:  # llama.cpp allocates every cell up front
+                cells = args.long_n * (len(prompt) + args.long_new_tokens + 16)
+                long["peak_kv_mib"] = (
+                    cells * shape.kv_bytes_per_token(long["kv_bytes_per_value"]) / 2**20
+                )
+            peers.log(f"{config}: {r.get('status')} {r.get('error') or ''}")
+
+    base = ((results.get("ttscale-bf16") or {}).get("workloads") or {}).get("long") or {}
+    lc = [
+        ((results.get(c) or {}).get("workloads") or {}).get("long", {}).get("end_decode_tok_s")
+        for c in ("llamacpp-f16", "llamacpp-q8_0")
+    ]
+    best_lc = max((x for x in lc if x), default=None)
+    cols = ("decode tok/s", "end tok/s", "peak KV MiB", "peak RSS MiB", "end/bf16", "end/llama")
+    print(f"{'':26}" + "".join(c.rjust(14) for c in cols))
+    for config in configs:
+        r = results[config]
+        long = (r.get("workloads") or {}).get("long")
+        if r.get("status") != "ok" or not long:
+            print(f"{config:26}  {r.get('status')}: {r.get('error')}")
+            continue
+        end = long["end_decode_tok_s"]
+        cells = [
+            f"{long['decode_tok_s']:.1f}",
+            f"{end:.1f}",
+            f"{long['peak_kv_mib']:.0f}",
+            f"{r['peak_rss_mib']:.0f}",
+            f"{end / base['end_decode_tok_s']:.2f}x" if base else "n/a",
+            f"{end / best_lc:.2f}x" if best_lc else "n/a",
+        ]
+        print(f"{config:26}" + "".join(c.rjust(14) for c in cells))
+    print(
+        f"note: end tok/s = the last {args.long_tail_steps} decode steps (context near "
+        f"{len(prompt) + args.long_new_tokens}); llama.cpp's KV MiB is its allocated cells."
+    )
+    out = args.out.with_name("bench_long.json") if args.out == DEFAULT_OUT else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine,
+        "config": {k: v for k, v in spec.items() if k != "long_prompt"},
+        "engines": results,
+    }
+    out.write_text(json.dumps(report, indent=1))
+    print(f"results written to {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +604,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_OUT,
         help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})",
     )
+    ap.add_argument("--long-n", type=int, default=16, help="long: samples")
+    ap.add_argument("--long-new-tokens", type=int, default=2048, help="long: new tokens each")
+    ap.add_argument("--long-prompt-tokens", type=int, default=512, help="long: prompt tokens")
+    ap.add_argument("--long-budget", type=int, default=256, help="long: block top-k budget")
+    ap.add_argument(
+        "--long-tail-steps", type=int, default=128, help="long: steps of the end-of-run rate"
+    )
+    ap.add_argument("--long-kv-gb", type=float, default=2.0, help="long: ttscale KV pool GiB")
+    ap.add_argument(
+        "--long-configs",
+        default=",".join(LONG_CONFIGS),
+        help="long: comma list of " + ",".join(LONG_CONFIGS),
+    )
     # internal: child mode
+    ap.add_argument("--long-config", choices=list(LONG_CONFIGS), help=argparse.SUPPRESS)
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -401,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine:
         return child_main(args.engine, args.spec, args.result)
+    if args.long_config:
+        return long_child_main(args.long_config, args.spec, args.result)
+    if args.workloads == "long":
+        return run_long(args)
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]

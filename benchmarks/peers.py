@@ -620,9 +620,25 @@ class _LlamaCpp:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
 
-    def context(self, n_ctx: int, n_seq: int, n_batch: int, unified: bool = True):
+    def context(
+        self,
+        n_ctx: int,
+        n_seq: int,
+        n_batch: int,
+        unified: bool = True,
+        kv_type: str | None = None,
+        flash_attn: bool | None = None,
+    ):
+        """`kv_type`: "f16" or "q8_0" for the K and V cache (None: llama.cpp's default);
+        `flash_attn`: force flash attention on or off (None: llama.cpp's auto)."""
         L = self.L
         cp = L.llama_context_default_params()
+        if kv_type is not None:
+            cp.type_k = cp.type_v = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
+        if flash_attn is not None:
+            cp.flash_attn_type = (
+                L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
         cp.n_ubatch = min(n_batch, 512)  # llama.cpp's default physical batch
@@ -842,4 +858,92 @@ def run_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
 
     run_workloads(results, spec, run_single, run_parallel, run_prefill, run_copy)
     lc.close()
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The `long` workload (the Kinetics regime): n samples of a ~512-token prompt, 2k new tokens.
+# --------------------------------------------------------------------------------------------
+
+LONG_PROMPT_TOKENS = 512
+
+
+def long_prompt(tokenizer, tokens: int = LONG_PROMPT_TOKENS) -> list[int]:
+    """A plain-text prompt of exactly `tokens` tokens (EOS is ignored: any text will do)."""
+    ids = tokenizer.encode(_prefill_text(777), add_special_tokens=False)
+    assert len(ids) >= tokens, f"long prompt text has only {len(ids)} tokens"
+    return ids[:tokens]
+
+
+def long_decode_metrics(
+    stamps: list[float], n: int, new_tokens: int, tail_steps: int
+) -> dict[str, float]:
+    """Decode throughput from per-step timestamps: `stamps[0]` when the prefill's first
+    tokens were out, `stamps[k]` after decode step k (n tokens each). Over the run and over
+    the last `tail_steps` steps (the context near its end)."""
+    steps = len(stamps) - 1
+    tail = min(tail_steps, steps)
+    return {
+        "decode_tok_s": n * steps / (stamps[-1] - stamps[0]),
+        "end_decode_tok_s": n * tail / (stamps[-1] - stamps[-1 - tail]),
+        "end_context": LONG_PROMPT_TOKENS + new_tokens,
+        "decode_steps": steps,
+    }
+
+
+def run_llamacpp_long(spec: dict[str, Any], kv_type: str) -> dict[str, Any]:
+    """llama.cpp on the long workload: prompt decoded once and copied to n sequences (one KV
+    stream each), then n tokens per step, temperature sampling; flash attention on, K and V
+    cache in `kv_type` ("f16" or "q8_0")."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    lc = _LlamaCpp(Path(spec["model_path"]), spec["threads"])
+    L = lc.L
+    results: dict[str, Any] = {"load_s": time.perf_counter() - t0}
+    ids, n, T = spec["long_prompt"], spec["long_n"], spec["long_new_tokens"]
+    rng = np.random.default_rng(spec.get("seed", 0))
+    P = len(ids)
+    n_ctx = n * (P + T + 16)
+    ctx = lc.context(
+        n_ctx=n_ctx, n_seq=n, n_batch=max(512, n), unified=False, kv_type=kv_type, flash_attn=True
+    )
+    batch = L.llama_batch_init(max(512, n), 0, 1)
+    mem = L.llama_get_memory(ctx)
+
+    def run(new_tokens: int) -> list[float]:
+        lc.clear(ctx)
+        lc.decode(ctx, batch, [(t, p, 0, p == P - 1) for p, t in enumerate(ids)])
+        for s in range(1, n):
+            L.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        row = lc.logits(ctx, [-1])
+        toks = _sample_temperature(np.repeat(row, n, axis=0), spec["temperature"], rng)
+        stamps = [time.perf_counter()]
+        for step in range(1, new_tokens):
+            lc.decode(ctx, batch, [(toks[s], P + step - 1, s, True) for s in range(n)])
+            toks = _sample_temperature(lc.logits(ctx, list(range(n))), spec["temperature"], rng)
+            stamps.append(time.perf_counter())
+        return stamps
+
+    try:
+        run(4)  # warm-up in this context
+        t0 = time.perf_counter()
+        stamps = run(T)
+        wall = time.perf_counter() - t0
+    finally:
+        L.llama_batch_free(batch)
+        lc.free_context(ctx)
+        lc.close()
+    kv_bytes_per_value = {"f16": 2.0, "q8_0": 34 / 32}[kv_type]  # q8_0: 32 int8 + fp16 scale
+    results["long"] = {
+        **long_decode_metrics(stamps, n, T, spec["long_tail_steps"]),
+        "wall_s": wall,
+        "n": n,
+        "prompt_tokens": P,
+        "new_tokens": n * T,
+        "kv_type": kv_type,
+        "flash_attn": True,
+        "kv_bytes_per_value": kv_bytes_per_value,
+        "note": "KV MiB is llama.cpp's n_ctx cells (allocated up front), not measured use",
+    }
     return results
