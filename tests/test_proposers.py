@@ -148,3 +148,115 @@ def test_sampling_keeps_the_target_distribution(model_dir: Path) -> None:
     probs = np.array([expected[c] for c in expected])
     assert observed.sum() == n
     assert chisquare(observed, probs / probs.sum() * n).pvalue > 1e-3
+
+
+# ---- a draft model: the target with layers skipped (self-speculation), or a smaller model ----
+
+
+def test_self_speculation_greedy_identical_with_samples_and_forks(model_dir: Path) -> None:
+    """The tiny model's first layer drafts (few drafts survive: the test is that the output
+    is the target's anyway), for several requests with n = 3 and for forks mid-generation."""
+    plain = _llm(model_dir)
+    spec = _llm(model_dir, speculative="self", draft_layers=1, num_speculative_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=24, n=3, ignore_eos=True)
+    ours = spec.generate(_COPY_PROMPTS, params, use_tqdm=False)
+    ref = plain.generate(_COPY_PROMPTS, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in ours] == [
+        [c.token_ids for c in o.outputs] for o in ref
+    ]
+    assert sum(o.usage.draft_tokens for o in ours) > 0
+    # Forks: a retained greedy request, forked twice after it finished, continues exactly as
+    # a plain engine's fork does.
+    branches = []
+    for llm in (spec, plain):
+        engine = llm.engine
+        greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        request = engine.add_request("r", _COPY_PROMPTS[0], greedy, retain=True)
+        while not request.finished:
+            engine.step()
+        more = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        children = engine.fork(request.sequences[0].seq_id, 2, more)
+        while engine.has_unfinished:
+            engine.step()
+        branches.append([c.token_ids for c in children])
+        engine.release("r")
+        engine.check_integrity()
+    assert branches[0] == branches[1]
+    assert spec.engine.kv_stats()["num_used_blocks"] == 0
+
+
+def test_draft_usage_and_the_per_request_switch(model_dir: Path) -> None:
+    """A draft with every layer is the target itself: every draft is kept, k + 1 tokens per
+    step. A request with speculative=False gets no drafts beside one that does."""
+    spec = _llm(model_dir, speculative="self", draft_layers=[0, 1], num_speculative_tokens=3)
+    on = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
+    off = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, speculative=False)
+    with_drafts, without = spec.generate([_COPY_PROMPTS[2], _COPY_PROMPTS[2]], [on, off], False)
+    assert with_drafts.outputs[0].token_ids == without.outputs[0].token_ids
+    usage = with_drafts.usage
+    assert usage.draft_tokens == usage.accepted_draft_tokens > 0
+    assert usage.acceptance_rate == 1.0 and usage.tokens_per_step == 4.0  # 1 + k
+    assert without.usage.draft_tokens == 0 and without.usage.acceptance_rate is None
+    stats = spec.engine.speculation_stats()
+    assert stats["acceptance_rate"] == 1.0 and stats["draft_tokens"] == usage.draft_tokens
+    with pytest.raises(ValueError, match="speculative"):
+        SamplingParams(speculative="no")  # type: ignore[arg-type]
+
+
+def test_draft_model_sharing_the_tokenizer(model_dir: Path, tmp_path: Path) -> None:
+    """A smaller random model with the same tokenizer drafts; the output is the target's."""
+    from tests.conftest import make_tiny_model
+
+    draft_dir = tmp_path / "draft"
+    make_tiny_model(draft_dir, seed=1, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    plain = _llm(model_dir)
+    spec = _llm(model_dir, speculative="draft", draft_model=draft_dir, num_speculative_tokens=2)
+    params = SamplingParams(temperature=0, max_tokens=20, n=2, ignore_eos=True)
+    ours = spec.generate(_COPY_PROMPTS, params, use_tqdm=False)
+    ref = plain.generate(_COPY_PROMPTS, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in ours] == [
+        [c.token_ids for c in o.outputs] for o in ref
+    ]
+    assert spec.engine.speculation_stats()["draft_tokens"] > 0
+
+
+def test_bad_draft_options(model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from ttscale.errors import ModelLoadError
+
+    with pytest.raises(ValueError, match="needs draft_model"):
+        _llm(model_dir, speculative="draft")
+    with pytest.raises(ValueError, match="draft_layers is for speculative='self'"):
+        _llm(model_dir, speculative="prompt_lookup", draft_layers=1)
+    with pytest.raises(ValueError, match=r"draft_layers must be in \[1, 2\)"):
+        _llm(model_dir, speculative="self", draft_layers=2)
+    with pytest.raises(ValueError, match="increasing, distinct"):
+        _llm(model_dir, speculative="self", draft_layers=[1, 0])
+    # Same files, two tokens' ids swapped in the tokenizer: refused at load.
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in model_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelLoadError, match="another tokenizer than the target"):
+        _llm(model_dir, speculative="draft", draft_model=other)
+
+
+def test_server_metrics_report_speculation(model_dir: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from ttscale.server.engine_loop import EngineLoop
+    from ttscale.server.metrics import ServerMetrics
+
+    spec = _llm(model_dir, speculative="self", draft_layers=[0, 1], num_speculative_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    spec.generate([_COPY_PROMPTS[2]], params, use_tqdm=False)
+    metrics = ServerMetrics()
+    EngineLoop(spec.engine, metrics)  # publishes the engine's state once at start
+    text = metrics.render().decode()
+    assert "ttscale_spec_decode_acceptance_rate 1.0" in text
+    assert "ttscale_spec_decode_tokens_per_step 4.0" in text

@@ -65,9 +65,9 @@ class LLM:
     (models/quant.py: load_for_compute). `speculative="prompt_lookup"` drafts
     `num_speculative_tokens` tokens per step by n-gram lookup (engine/proposers.py); or pass
     any `proposer`; `speculative="self"` drafts with this model's first `draft_layers`
-    layers (or those listed; default: the first half), `speculative="draft"` with a smaller
-    `draft_model` sharing the tokenizer. `SamplingParams(speculative=False)` turns it off
-    per request. `compile=True` runs decode-sized steps through torch.compile
+    layers (or those listed; default: proposers.self_draft_layers), `speculative="draft"`
+    with a smaller `draft_model` sharing the tokenizer; `SamplingParams(speculative=False)`
+    turns it off per request. `compile=True` runs decode-sized steps through torch.compile
     (models/compiled.py; the first compile is paid once per machine, cached on disk).
     """
 

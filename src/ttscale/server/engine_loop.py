@@ -540,6 +540,7 @@ class EngineLoop:
 
     def _publish(self) -> None:
         kv = self.engine.kv_stats()
+        spec = self.engine.speculation_stats()
         snapshot = {
             "requests_running": len(self.engine.running_request_ids()),
             "requests_waiting": self._num_waiting,
@@ -547,7 +548,10 @@ class EngineLoop:
             "kv_blocks_used": kv["num_used_blocks"],
             "kv_blocks_free": kv["num_free_blocks"],
             "kv_blocks_total": kv["num_blocks"],
+            "kv_bytes_per_token": kv["kv_bytes_per_token"],
             "prefix_cache_hit_rate": kv["prefix_hit_rate"],
+            "spec_acceptance_rate": spec["acceptance_rate"],
+            "spec_tokens_per_step": spec["tokens_per_step"],
             "jobs_running": len(self._jobs),
             "jobs_waiting": len(self._pending_jobs),
             "job_kv_blocks_reserved": self._job_blocks,
