@@ -317,7 +317,9 @@ function renderTree() {
       : [n.score !== null ? fmt(n.score, 2) : null, n.answer ?? null].filter((v) => v !== null).join(" · ");
     g.append(el("text", { x: 10, y: 4, class: "label" }, label));
     g.append(el("title", {}, n.id === "root" ? tree.run.question : n.text));
-    g.addEventListener("click", () => { tree.selected = n.id; renderDetail(n); renderTree(); });
+    const select = () => { tree.selected = n.id; renderDetail(n); renderTree(); };
+    g.addEventListener("click", select);
+    g.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); select(); } });
     nodes.append(g);
   }
   svg.replaceChildren(edges, nodes);
