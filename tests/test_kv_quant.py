@@ -161,6 +161,8 @@ def test_engine_int8_kv_close_to_fp32_with_forks_and_prefix_cache(model_dir):
         llm.engine.check_integrity()
         assert llm.engine.executor.kv_cache.quantized == (fmt == "int8")
     int8_llm = llm
+    cache = int8_llm.engine.executor.kv_cache
+    assert int8_llm.engine.kv_stats()["kv_bytes_per_token"] == cache.bytes_per_token == 160
     assert int8_llm.engine.cost_meter.kv_bytes_per_value == pytest.approx(
         (16 + 4) / 16
     )  # head_dim 16

@@ -328,6 +328,7 @@ def test_metrics(server):
         "ttscale_requests_waiting",
         "ttscale_kv_cache_blocks_used",
         "ttscale_kv_cache_blocks_free",
+        "ttscale_kv_cache_bytes_per_token",
         "ttscale_prefix_cache_hit_rate",
         "ttscale_generation_tokens_total",
         "ttscale_generation_tokens_per_second",
@@ -341,6 +342,7 @@ def test_metrics(server):
         if line and not line.startswith("#")
     }
     assert values["ttscale_generation_tokens_total"] >= 3
+    assert values["ttscale_kv_cache_bytes_per_token"] > 0
     assert values["ttscale_time_to_first_token_seconds_count"] >= 1
 
 

@@ -380,6 +380,11 @@ class LLMEngine:
             "block_size": bm.block_size,
             "prefix_hit_rate": bm.stats()["prefix_hit_rate"],
             "num_preemptions": self.scheduler.num_preemptions,
+            # KV bytes one token takes in the pool (all layers, K and V, a quantized
+            # format's scales included): what /metrics and the cost model report.
+            "kv_bytes_per_token": self.cost_meter.shape.kv_bytes_per_token(
+                self.cost_meter.kv_bytes_per_value
+            ),
         }
 
     # ---- the step -----------------------------------------------------------------------

@@ -548,6 +548,7 @@ class EngineLoop:
             "kv_blocks_used": kv["num_used_blocks"],
             "kv_blocks_free": kv["num_free_blocks"],
             "kv_blocks_total": kv["num_blocks"],
+            "kv_bytes_per_token": kv["kv_bytes_per_token"],
             "prefix_cache_hit_rate": kv["prefix_hit_rate"],
             "spec_acceptance_rate": spec["acceptance_rate"],
             "spec_tokens_per_step": spec["tokens_per_step"],

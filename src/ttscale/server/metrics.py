@@ -35,6 +35,11 @@ class ServerMetrics:
             "ttscale_kv_cache_blocks_free", "KV blocks allocatable (incl. evictable)", registry=r
         )
         self.kv_blocks_total = Gauge("ttscale_kv_cache_blocks_total", "KV pool size", registry=r)
+        self.kv_bytes_per_token = Gauge(
+            "ttscale_kv_cache_bytes_per_token",
+            "KV bytes one token takes, all layers, K and V, scales of a quantized format included",
+            registry=r,
+        )
         self.prefix_cache_hit_rate = Gauge(
             "ttscale_prefix_cache_hit_rate",
             "Prompt tokens served by the prefix cache / prompt tokens looked up",
@@ -130,6 +135,7 @@ class ServerMetrics:
         self.kv_blocks_used.set(snapshot["kv_blocks_used"])
         self.kv_blocks_free.set(snapshot["kv_blocks_free"])
         self.kv_blocks_total.set(snapshot["kv_blocks_total"])
+        self.kv_bytes_per_token.set(snapshot["kv_bytes_per_token"])
         self.prefix_cache_hit_rate.set(snapshot["prefix_cache_hit_rate"])
         self.spec_acceptance_rate.set(snapshot.get("spec_acceptance_rate", 0.0))
         self.spec_tokens_per_step.set(snapshot.get("spec_tokens_per_step", 1.0))
