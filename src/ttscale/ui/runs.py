@@ -143,9 +143,11 @@ def runs_router() -> APIRouter:
     """GET /v1/ttscale/eval-runs (every run under the app's `ui_runs_dir`, default ./runs),
     GET /v1/ttscale/eval-runs/detail?name=N, GET /v1/ttscale/eval-runs/compare?a=A&b=B."""
     router = APIRouter(prefix="/v1/ttscale/eval-runs", tags=["dashboard"])
+    # Plain `def` handlers: FastAPI runs them on its thread pool, so reading folders and
+    # summarizing records (maj@k sampling) never stalls the event loop (live streams).
 
     @router.get("")
-    async def list_runs(request: Request) -> dict[str, Any]:
+    def list_runs(request: Request) -> dict[str, Any]:
         root = _root(request)
         runs = []
         for name, folder in find_runs(root).items():
@@ -154,11 +156,11 @@ def runs_router() -> APIRouter:
         return {"root": str(root), "runs": runs}
 
     @router.get("/detail")
-    async def detail(request: Request, name: str) -> dict[str, Any]:
+    def detail(request: Request, name: str) -> dict[str, Any]:
         return {"name": name, **run_summary(_folder(request, name))}
 
     @router.get("/compare")
-    async def compare_two(request: Request, a: str, b: str) -> dict[str, Any]:
+    def compare_two(request: Request, a: str, b: str) -> dict[str, Any]:
         rows = compare(_folder(request, a), _folder(request, b))
         return {"a": a, "b": b, "strategies": rows}
 
