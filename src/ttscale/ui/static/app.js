@@ -107,7 +107,7 @@ function renderEngine(s) {
   fillKv($("#engine-cost"), [
     ["FLOPs", fmt(c.flops)], ["bytes moved", fmt(c.bytes)],
     ["model time (measured)", fmt(c.measured_time) + " s"],
-    ["roofline time", c.roofline_time === null ? "– (no hardware profile)" : fmt(c.roofline_time) + " s"],
+    ["roofline time", c.roofline_time === null ? "– (no hardware profile: run ttscale calibrate)" : fmt(c.roofline_time) + " s"],
     ["roofline utilisation", c.utilization === null ? "–" : pct(c.utilization)],
   ]);
   fillRows($("#live-requests tbody"), (s.live_requests || []).map((r) => [
