@@ -341,7 +341,7 @@ def test_solve_progress_drives_the_strategy(llm) -> None:
     """The progress wrapper is what `drive` steps: same result as without it, and it counted
     the engine's steps."""
     from ttscale import SamplingParams
-    from ttscale.eval.cli import _solve_one, _solve_progress
+    from ttscale.eval.solve_cli import _solve_one, _solve_progress
     from ttscale.strategies.api import make_query
 
     params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)

@@ -31,7 +31,7 @@ err = Console(stderr=True)
 # error wait seconds (issue 16). A new subsystem command is one row here.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "solve": (
-        "ttscale.eval.cli",
+        "ttscale.eval.solve_cli",
         "solve_cmd",
         "Answer one question with a strategy; show votes and cost.",
     ),
