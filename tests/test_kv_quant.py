@@ -70,7 +70,6 @@ def test_kivi_copy_on_write_and_rewrite_keep_the_residual():
     assert torch.equal(cache.gather(0, torch.tensor([20, 21]))[0], x[4:6])
     cache.store(0, torch.tensor([22]), x[:1], x[:1])  # each copy then goes its own way
     assert cache.stage_of[1] != cache.stage_of[5]
-    assert torch.equal(cache.gather(0, torch.tensor([6]))[0], torch.zeros(1, KVH, D))
     # A rollback rewrites offset 2 of the quantized block 0: the rest keeps its values.
     before = cache.gather(0, torch.arange(4))[0]
     cache.store(0, torch.tensor([2]), x[5:6], x[5:6])

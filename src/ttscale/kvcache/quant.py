@@ -157,22 +157,25 @@ class KiviKVCache(KVCache):
         self.stage_v = torch.cat([self.stage_v, more.to(self.device)], dim=1)
         self._free_stages.extend(range(old + extra - 1, old - 1, -1))
 
-    def _stage(self, blocks: list[int]) -> None:
+    def _stage(self, blocks: list[int], fresh: set[int] | None = None) -> None:
         """Gives each block a stage holding its current (dequantized) contents in every
-        layer, so a write into a block quantized earlier (after a rollback) keeps the rest."""
+        layer, so a write into a block quantized earlier (after a rollback) keeps the rest.
+        Blocks in `fresh` are written from their first slot on: nothing to keep."""
         for b in blocks:
             if not self._free_stages:
                 self._grow_stages(
                     max(self.INITIAL_STAGES, self.stage_k.shape[1] // self.block_size)
                 )
             stage = self._free_stages.pop()
+            self.stage_of[b] = stage
+            if fresh is not None and b in fresh:
+                continue
             bs = self.block_size
             slots = torch.arange(b * bs, (b + 1) * bs, device=self.device)
             rows = slice(stage * bs, (stage + 1) * bs)
             for layer in range(self.num_layers):
                 self.stage_k[layer, rows] = self._packed_keys(layer, slots, self.dtype)
                 self.stage_v[layer, rows] = self._packed_values(layer, slots, self.dtype)
-            self.stage_of[b] = stage
 
     def _unstage(self, blocks: torch.Tensor) -> None:
         stages = self.stage_of[blocks]
@@ -190,7 +193,8 @@ class KiviKVCache(KVCache):
         if layer_idx == 0:
             todo = [b for b in dict.fromkeys(blocks.tolist()) if self.stage_of[b] < 0]
             if todo:
-                self._stage(todo)
+                fresh = set((slots[slots % bs == 0] // bs).tolist())
+                self._stage(todo, fresh)
         stage_rows = self.stage_of[blocks] * bs + slots % bs
         self.stage_k[layer_idx].index_copy_(0, stage_rows, k.to(self.dtype))
         self.stage_v[layer_idx].index_copy_(0, stage_rows, v.to(self.dtype))
