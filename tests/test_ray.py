@@ -256,6 +256,28 @@ def test_eval_bad_input_fails_at_start(cluster, model_dir, tmp_path) -> None:
         EnginePool(WorkerConfig(str(tmp_path / "missing")), 1, ready_timeout_s=120)
 
 
+def test_eval_cli_with_ray(cluster, model_dir, task_file, tmp_path) -> None:
+    """`ttscale eval --ray` end to end (one worker: the class's pool is gone), then a rerun
+    that finds every result and starts no worker."""
+    from typer.testing import CliRunner
+
+    from ttscale.cli import app
+
+    args = [
+        "eval", "--ray", "--workers", "1", "--task", str(task_file), "-n", "2", "-s", "greedy",
+        "-m", str(model_dir), "--kv-cache-gb", "0.01", "--max-tokens", "6", "-o", str(tmp_path),
+        "--json",
+    ]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["strategies"][0]["n"] == 2 and summary["cluster"]["workers"] == 1
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "nothing to run" in " ".join(again.output.split())
+    wrong = CliRunner().invoke(app, ["eval", "--workers", "3"])
+    assert wrong.exit_code == 2 and "only apply with --ray" in " ".join(wrong.output.split())
+
+
 # ---- serving ----------------------------------------------------------------------------------
 
 
