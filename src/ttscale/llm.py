@@ -59,7 +59,10 @@ class LLM:
 
     Engine options (see CacheConfig / SchedulerConfig): block_size, kv_cache_gb,
     enable_prefix_caching, attention, max_num_batched_tokens, max_num_seqs,
-    enable_chunked_prefill. `num_threads` sets torch's CPU threads. `hardware` names the
+    enable_chunked_prefill; the KV format `kv_cache_dtype` ("auto" | "bf16" | "int8" |
+    "kivi4" | "kivi2" | ...) and block top-k sparse decode attention (`sparse_attention=
+    "block_topk"`, `kv_budget`, `sparse_window`, `sparse_dense_layers`; docs/ARCHITECTURE.md,
+    "The Kinetics memory path"). `num_threads` sets torch's CPU threads. `hardware` names the
     roofline for the cost model ("auto": the profile `ttscale calibrate` saved, if any).
     `quantize`: "auto" | "none" | "native" | "int8" | "int4", what the matmuls compute with
     (models/quant.py: load_for_compute). `speculative="prompt_lookup"` drafts
