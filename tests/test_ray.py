@@ -287,8 +287,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def serve_port() -> int:
+    """One port for the module: Serve's proxy keeps the port it started with."""
+    return free_port()
+
+
+def test_serve_replica_that_cannot_load_fails_at_start(cluster, serve_port, tmp_path) -> None:
+    """Runs before the served class, whose deployment then reuses the Serve controller."""
+    from ttscale.ray.serving import RayServeConfig, deploy
+    from ttscale.server.config import ServerConfig
+
+    config = RayServeConfig(replicas=1, port=serve_port)
+    with pytest.raises(RayClusterError, match=r"replica failed to start.*does not exist"):
+        deploy(WorkerConfig(str(tmp_path / "missing")), ServerConfig(), config)
+
+
 @pytest.fixture(scope="class")
-def served(cluster, model_dir):
+def served(cluster, model_dir, serve_port):
     """2 engine replicas x 1 CPU behind the router; an httpx client on Serve's proxy."""
     import httpx
     from ray import serve
@@ -296,7 +312,7 @@ def served(cluster, model_dir):
     from ttscale.ray.serving import RayServeConfig, deploy, shutdown
     from ttscale.server.config import ServerConfig
 
-    config = RayServeConfig(replicas=2, port=free_port(), health_check_period_s=1.0)
+    config = RayServeConfig(replicas=2, port=serve_port, health_check_period_s=1.0)
     url = deploy(worker_config(model_dir), ServerConfig(model_names=("tiny",)), config)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield client
