@@ -240,3 +240,28 @@ def test_cli(model_dir, task_file, tmp_path):
     assert len(data["candidates"]) == 2 and data["stats"]["generated_tokens"] > 0
     plain = runner.invoke(app, ["solve", "12 + 30 =", "-s", "greedy", *common])
     assert plain.exit_code == 0 and plain.stdout.strip()
+
+
+def test_forks_and_adaptive_prompt_sharing_in_records(llm, task, tmp_path):
+    """Honest counters: majority@4 is one prompt forked 3 ways; adaptive's later waves start
+    on a kept first-wave sample's KV, so each computes only the prompt's last token (the
+    prefix cache alone would recompute the partial last block every wave)."""
+    from tests.conftest import assert_pool_full
+
+    evaluate(llm, task, ["majority@4", "adaptive@12"], tmp_path)
+    by = {(r["strategy"], r["problem_id"]): r for r in lines(tmp_path)}
+    for (strategy, _), r in by.items():
+        prompt = r["prompt_tokens"]
+        if strategy == "majority@4":
+            assert r["forks"] == 3
+            assert r["computed_prompt_tokens"] + r["cached_prompt_tokens"] == prompt
+            continue
+        waves = r["extra"]["waves"]
+        assert r["n_candidates"] == r["extra"]["samples"] == 4 * waves
+        # Wave 1 prefills (the prefix cache may serve its full blocks); each later wave
+        # computes one token and takes the other prompt tokens from the kept sample.
+        first = r["computed_prompt_tokens"] - (waves - 1)
+        assert first + r["cached_prompt_tokens"] - (waves - 1) * (prompt - 1) == prompt
+        assert r["forks"] == 3 * waves + (waves - 1)  # + each later wave's fork of the kept one
+    assert any(r["extra"]["waves"] > 1 for (s, _), r in by.items() if s == "adaptive@12")
+    assert_pool_full(llm)

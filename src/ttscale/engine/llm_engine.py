@@ -108,24 +108,51 @@ class LLMEngine:
         prompt: str | None = None,
         retain: bool = False,
         hidden_layers: Seq[int] | None = None,
+        prefix_of: int | None = None,
     ) -> Request:
         """Queues a request. `retain=True` keeps finished sequences' KV until `release()` so a
         search strategy can fork them later. With `hidden_layers`, every sequence keeps the
         hidden states of its generated tokens at those layers as they are computed
         (`Sequence.hidden_states`: each row is the state after reading its token; the last
-        sampled token is never computed, see `fork_embed`)."""
+        sampled token is never computed, see `fork_embed`). `prefix_of`: a sequence holding
+        KV whose tokens begin with this prompt (a retained sample of it): the request shares
+        that KV for all of the prompt but its last token, which it computes for its logits,
+        instead of prefilling again (the prefix cache alone would recompute the partial last
+        block: new waves of samples of one prompt)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt_token_ids)
         self.validate_params(params)
+        shared = 0 if prefix_of is None else self._shared_prefix(prefix_of, ids)
         request = Request(request_id, ids, params, next(self._arrivals), prompt, retain=retain)
         seq = self._new_sequence(request, index=0, token_ids=list(ids))
         if hidden_layers is not None:
             seq.hidden_layers, seq.hidden_start = self._check_layers(hidden_layers), len(ids)
         request.forked = params.n == 1
         self.requests[request_id] = request
-        self.scheduler.add(seq)
+        if shared:  # running at once on the shared blocks, like a fork
+            self.block_manager.fork(prefix_of, [seq.seq_id])
+            self.block_manager.truncate(seq.seq_id, shared)
+            seq.num_computed_tokens = request.num_cached_prompt_tokens = shared
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.add_running(seq)
+        else:
+            self.scheduler.add(seq)
         return request
+
+    def _shared_prefix(self, prefix_of: int, ids: list[int]) -> int:
+        """How many prompt tokens a request can take from `prefix_of`'s KV: all but the last
+        (computed again for its logits); ValueError if that sequence cannot give them."""
+        shared = len(ids) - 1
+        source = self.sequences.get(prefix_of)
+        if source is None or not self.block_manager.has_seq(prefix_of):
+            raise ValueError(f"prefix_of={prefix_of}: that sequence holds no KV (retain it)")
+        if (
+            self.block_manager.num_tokens(prefix_of) < shared
+            or source.token_ids[:shared] != ids[:shared]
+        ):
+            raise ValueError(f"prefix_of={prefix_of}: that sequence does not start with the prompt")
+        return shared
 
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> list[int]:
         """The prompt as a list of ids, or ValueError (PromptTooLongError past the context)

@@ -120,10 +120,13 @@ class Session:
         params: SamplingParams,
         retain: bool = False,
         hidden_layers: Seq[int] | None = None,
+        prefix: Branch | None = None,
     ) -> Generator[Wait, None, list[Branch]]:
         """n samples of the prompt (prefilled once, forked n ways). With `retain`, the
         branches keep their KV so they can be expanded (or embedded) later; with
-        `hidden_layers`, they keep their hidden states at those layers (`Branch.hidden`)."""
+        `hidden_layers`, they keep their hidden states at those layers (`Branch.hidden`).
+        `prefix`: a retained branch of an earlier `sample`; the new samples start on its KV
+        of the prompt (only the prompt's last token is computed again)."""
         request_id = f"{self.tag}/{len(self._requests)}"
         request = self.engine.add_request(
             request_id,
@@ -131,6 +134,7 @@ class Session:
             dataclasses.replace(params, n=n),
             retain=retain,
             hidden_layers=hidden_layers,
+            prefix_of=None if prefix is None else prefix.seq_id,
         )
         self._requests.append(request)
         if self.observer is not None:
@@ -145,7 +149,7 @@ class Session:
         self.stats.cached_prompt_tokens += request.num_cached_prompt_tokens
         # The engine forked the prefilled prompt n - 1 ways (LLMEngine._update): as many
         # forks sharing the prompt's blocks as `expand` makes for a search branch.
-        self.stats.forks += n - 1
+        self.stats.forks += n - 1 + (prefix is not None)  # + the fork of the kept prefix
         branches = [self._branch(seq, None) for seq in request.sequences]
         if retain:
             self._live.update((s.seq_id, s) for s in request.sequences)
