@@ -215,6 +215,14 @@ def _eval_on_ray(ray_args: dict[str, Any], **kw: Any) -> None:
             )
     except (RayClusterError, ValueError) as e:  # SettingsMismatch is a ValueError
         _fail(e)
+    except KeyboardInterrupt:  # the actors are gone (the pool's exit); the records stay
+        saved = len(load_records(out / RECORDS_FILE))
+        err.print(
+            f"\ninterrupted: {escape(str(out / RECORDS_FILE))} holds {saved} results (a "
+            "chunk cut midway is not saved); the same command resumes",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     cluster = summary["cluster"]
     err.print(f"[dim]{cluster['workers']} workers, {cluster['elapsed_s']:.1f} s[/dim]")
     _eval_report(summary, out, kw["json_out"], kw["wide"])
