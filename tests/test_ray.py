@@ -245,8 +245,11 @@ class TestEval:
         records = load(tmp_path / "out")
         assert sorted(r["problem_id"] for r in records) == sorted(p.id for p in problems)
         assert summary["strategies"][0]["n"] == 6
-        # The pool goes on with the restarted actor.
+        # The pool goes on with the restarted actor; an error of the work itself is raised
+        # as itself, not retried.
         assert len(pool.solve_many(["a", "b", "c"], "majority@2", params=PARAMS)) == 3
+        with pytest.raises(ValueError, match="pass a scorer"):
+            pool.solve_many(["a"], "bon@2", params=PARAMS, scorer=None)
 
 
 def test_eval_bad_input_fails_at_start(cluster, model_dir, tmp_path) -> None:

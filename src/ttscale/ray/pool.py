@@ -130,7 +130,7 @@ class EnginePool:
             try:
                 result = self.ray.get(ready[0])
             except RayTaskError as e:  # the work raised: not a crash, do not retry
-                raise e.as_instanceofcause_line() from None
+                raise e.as_instanceof_cause() from None
             except RayActorError as e:
                 attempts[i] += 1
                 deaths[w] += 1

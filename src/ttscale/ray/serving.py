@@ -158,7 +158,8 @@ class Router:
         stream = self.engines[replica].options(stream=True).handle.remote(forwarded)
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.routing.accept_timeout_s)
-            assert first["type"] == "accepted", first
+            if first.get("type") != "accepted":
+                raise RuntimeError(f"the replica sent {first.get('type')!r} before accepting")
             start = await stream.__anext__()  # a non-streaming reply: when it is done
         except BaseException:
             stream.cancel()
