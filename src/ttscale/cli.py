@@ -1,5 +1,5 @@
-"""Command line: `ttscale generate | chat | solve | eval | compare | plan | serve | cost |
-calibrate`."""
+"""Command line: `ttscale generate | chat | solve | eval | compare | plan | serve | ui | cost |
+calibrate | train-verifier`."""
 
 from __future__ import annotations
 
@@ -107,7 +107,13 @@ class _LazyGroup(TyperGroup):
 @functools.cache
 def _subcommand(name: str) -> click.Command:
     module, function, help_line = SUBCOMMANDS[name]
-    command = getattr(importlib.import_module(module), function)
+    try:
+        command = getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as e:  # a module that imports an optional package at the top
+        root = (e.name or "").partition(".")[0]
+        if root not in EXTRA_OF:
+            raise
+        _missing(name, root)
     single = typer.Typer(add_completion=False)
     single.command(name, help=help_line)(_needs_extras(name, command))
     return typer.main.get_command(single)
