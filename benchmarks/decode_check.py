@@ -52,7 +52,7 @@ def main() -> None:
     best = 0.0
     for _ in range(3):
         t0 = time.perf_counter()
-        llm.generate([ids], greedy, use_tqdm=False)
+        usage = llm.generate([ids], greedy, use_tqdm=False)[0].usage
         best = max(best, 128 / (time.perf_counter() - t0))
     sixteen = SamplingParams(
         n=16, temperature=0.8, top_p=0.95, max_tokens=64, ignore_eos=True, seed=0
@@ -64,6 +64,11 @@ def main() -> None:
         f"{args.label} {args.dtype} quantize={args.quantize}: single {best:.1f} tok/s  "
         f"n16 {n16:.1f} tok/s  (load {llm.load_seconds:.1f} s, warm-up {warm_s:.1f} s)"
     )
+    if usage.acceptance_rate is not None:
+        print(
+            f"  single: draft acceptance {usage.acceptance_rate:.2f}, "
+            f"{usage.tokens_per_step:.2f} tokens per verifying step"
+        )
 
 
 if __name__ == "__main__":

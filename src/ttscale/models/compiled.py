@@ -10,9 +10,10 @@ kernels directly, so the host time left is the kernels' own.
 
 How the graph stays whole: the paged attention (data-dependent gathers, per-step layouts,
 any backend from attention/registry.py) is one opaque custom op, `ttscale::attend`. The op
-takes tensors and the layer index only; it finds the step's `AttentionContext` through a
-handle that `CompiledForward.__call__` binds for the duration of the call (a registry keyed
-by handle, not a global "current step": two engines in one process never see each other's).
+takes tensors and the layer index only; it finds the step's `AttentionContext` in a
+thread-local slot that `CompiledForward.__call__` fills for the duration of the call (the op
+runs inside that call, on its thread; engines on other threads never see it). Nothing
+per-engine is a graph constant, so every engine of a model shares one cached graph.
 Everything else is traced once per shape family: one graph for one row (single-stream
 decode), one with a symbolic row count for 2..GEMV_ROWS rows and one beyond (the quantized
 Linear switches kernels there). No padding: on CPU a graph is not replayed, so what buckets
@@ -28,8 +29,8 @@ A missing C++ compiler (or any failure to compile) falls back to eager with one 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,20 +60,26 @@ class CompileConfig:
             raise ValueError(f"compile max_rows must be >= 1, not {self.max_rows}")
 
 
-# handle -> (the step's attention context, the model's layer specs); bound per call.
-_BOUND: dict[int, tuple[AttentionContext, Sequence[AttentionLayerSpec]]] = {}
-_HANDLES = itertools.count()
+class _Bound(threading.local):
+    """(the step's attention context, the model's layer specs) of the compiled call running
+    on this thread; None outside one."""
+
+    value: tuple[AttentionContext, Sequence[AttentionLayerSpec]] | None = None
+
+
+_BOUND = _Bound()
 
 
 # Registered with torch.library's low-level API (cheaper per call than `custom_op`).
 _LIB = torch.library.Library("ttscale", "FRAGMENT")
-_LIB.define("attend(Tensor q, Tensor k, Tensor v, int layer, int handle) -> Tensor")
+_LIB.define("attend(Tensor q, Tensor k, Tensor v, int layer) -> Tensor")
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, handle: int):
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
     """The bound context's attention of one layer: stores k/v, returns (T, H, D). Opaque to
     the compiler (it writes the KV cache, which the graph never sees)."""
-    attn, specs = _BOUND[handle]
+    assert _BOUND.value is not None, "ttscale::attend outside a compiled forward"
+    attn, specs = _BOUND.value
     return attn(specs[layer], q, k, v)
 
 
@@ -80,20 +87,17 @@ _LIB.impl("attend", _attend, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("ttscale::attend", lib=_LIB)
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, handle: int):
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
     return torch.empty_like(q)
 
 
 class _OpAttention:
     """What the traced model calls instead of the attention context: the custom op."""
 
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
-
     def __call__(
         self, spec: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        return torch.ops.ttscale.attend(q, k, v, spec.layer_idx, self.handle)
+        return torch.ops.ttscale.attend(q, k, v, spec.layer_idx)
 
 
 class CompiledForward:
@@ -105,8 +109,7 @@ class CompiledForward:
 
     def __init__(self, model: torch.nn.Module, config: CompileConfig, max_position: int) -> None:
         self.model, self.config = model, config
-        self.handle = next(_HANDLES)
-        self._attn = _OpAttention(self.handle)
+        self._attn = _OpAttention()
         self._specs = model.attention_specs
         self.failed: str | None = None  # why compiling failed; then every step runs eager
         self._compiled = None
@@ -170,11 +173,11 @@ class CompiledForward:
 
     @contextmanager
     def _bound(self, attn: AttentionContext) -> Iterator[None]:
-        _BOUND[self.handle] = (attn, self._specs)
+        previous, _BOUND.value = _BOUND.value, (attn, self._specs)
         try:
             yield
         finally:
-            del _BOUND[self.handle]
+            _BOUND.value = previous
 
 
 def _is_compile_error(e: Exception) -> bool:
