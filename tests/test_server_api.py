@@ -95,12 +95,34 @@ def test_health_stays_responsive_while_large_prompts_are_tokenized(api):
         for t in senders:
             t.join(30)
     latencies.sort()
-    p99 = latencies[int(0.99 * (len(latencies) - 1))]
-    print(f"\n/health p99 {p99 * 1000:.0f} ms while {len(codes)} 200 KB prompts were refused")
+    p50, p99 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.99))
+    print(
+        f"\n/health p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms while {len(codes)} "
+        "200 KB prompts were refused"
+    )
     assert codes and set(codes) == {400}  # longer than the context
-    # Client, server and engine share this process (and a busy machine): a loose bound; the
-    # event loop never waits for a tokenizer (a 200 KB prompt takes ~0.1 s to tokenize).
-    assert p99 < 0.25
+    # Loose bounds: client, server, engine and both senders share this process (and its
+    # GIL), and the suite may run on a busy 2-core machine, where /health alone had p50 70 ms
+    # and, with the senders, p50 150-180 ms and p99 0.24-0.47 s (load average 9-17). A loop
+    # that tokenized would stall for a whole prompt each time (0.1 s quiet, 0.56 s there).
+    assert p50 < 0.25
+    assert p99 < 1.0
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(api, monkeypatch):
+    calls: list[int] = []
+    encode = api.llm.tokenizer.encode
+    monkeypatch.setattr(
+        api.llm.tokenizer, "encode", lambda t, *a, **k: calls.append(1) or encode(t, *a, **k)
+    )
+    for path, body in [
+        (COMPLETIONS, {**C, "prompt": ["Hi", "x" * (BODY_LIMIT // 2)]}),
+        (CHAT, {**H, "messages": [{"role": "user", "content": "x" * (BODY_LIMIT // 2)}]}),
+    ]:
+        r = post(api, path, body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "characters" in r.json()["error"]["message"]
+    assert len(calls) == 1  # only the batch's short "Hi" was tokenized
 
 
 # ---- refusals ----------------------------------------------------------------------------------

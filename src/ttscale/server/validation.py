@@ -7,6 +7,7 @@ off the event loop, on its tokenizer thread.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from ttscale.server.protocol import (
     TokenizeResponse,
 )
 from ttscale.server.structured import Structured
+from ttscale.tokenizer import Tokenizer
 
 
 @dataclass
@@ -134,6 +136,28 @@ def build_params(
         raise APIError(400, str(e), param=api_names.get(e.field, e.field)) from None
 
 
+@functools.cache
+def _longest_token_chars(tokenizer: Tokenizer) -> int:
+    return max((len(t) for t in tokenizer.hf.get_vocab()), default=1)
+
+
+def _check_text_fits(text: str, llm: LLM, param: str) -> None:
+    """Refuses, before tokenizing it (seconds for megabytes), a text that cannot fit the
+    context. A token's vocabulary string is at least as long as the text it stands for
+    (byte-level pieces are bytes, SentencePiece's are characters), so a text needs at least
+    len(text) / longest-piece tokens; the factor 2 leaves room for normalizers that shrink
+    text (NFKC)."""
+    limit = 2 * llm.engine.max_model_len * _longest_token_chars(llm.tokenizer)
+    if len(text) > limit:
+        raise APIError(
+            400,
+            f"the prompt has {len(text)} characters, more than this model's context of "
+            f"{llm.engine.max_model_len} tokens can hold",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def _check_prompt(ids: list[int], llm: LLM, param: str) -> None:
     """The engine's own prompt checks, answered as a 400 before anything is streamed."""
     try:
@@ -191,7 +215,10 @@ def chat_job(
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(messages)
+        _check_text_fits(text, llm, "messages")
         ids = tokenizer.encode(text, add_special_tokens=False)
+    except APIError:
+        raise
     except Exception as e:  # e.g. a lone surrogate the tokenizer cannot encode
         raise APIError(400, f"cannot tokenize the messages: {e}", param="messages") from None
     _check_prompt(ids, llm, "messages")
@@ -234,6 +261,7 @@ def _completion_prompts(body: CompletionRequest, llm: LLM, max_prompts: int) -> 
     prompts = []
     for item in batch:
         if isinstance(item, str):
+            _check_text_fits(item, llm, "prompt")
             try:
                 ids = llm.tokenizer.encode(item)
             except Exception as e:  # e.g. a lone surrogate the tokenizer cannot encode
