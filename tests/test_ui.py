@@ -332,6 +332,7 @@ def test_engine_page_numbers_change(server, page, tmp_path):
     page.wait_for_function("document.querySelector('#stat-steps').textContent !== '–'")
     steps = int(page.text_content("#stat-steps"))
     assert page.text_content("#model") == "tiny"
+    assert not page.is_visible("#key-form")  # no --api-key: nothing to ask
     # Work arrives from elsewhere (a plain completion): the polled numbers move.
     r = httpx.post(
         server.url + "/v1/completions",
@@ -418,6 +419,9 @@ def test_offline_dashboard_serves_runs_without_a_model(runs_dir, page, tmp_path)
     with _serve_app(create_offline_app(runs_dir)) as url:
         page.goto(url + "/ui#engine")
         page.wait_for_selector("#engine-offline:not([hidden])")
+        page.goto(url + "/ui#playground")
+        page.wait_for_selector("#playground-offline", state="visible")
+        assert not page.is_visible("#run-form")
         page.goto(url + "/ui#runs")
         page.wait_for_selector("#runs-table tbody tr")
         page.click("#runs-table tbody tr[data-run='b']")
@@ -448,7 +452,7 @@ def test_dashboard_with_an_api_key(tmp_path_factory, runs_dir, page):
     with _serve_app(app) as url:
         assert httpx.get(url + "/v1/ttscale/engine", timeout=10).status_code == 401
         page.goto(url + "/ui#engine")
-        page.wait_for_selector("#key-form:not([hidden])")
+        page.wait_for_selector("#key-form", state="visible")
         page.fill("#api-key", "sekrit")
         page.click("#key-form button")
         page.wait_for_function("document.querySelector('#model').textContent === 'tiny'")

@@ -312,6 +312,8 @@ function renderTree() {
     }
     const cls = ["node", n.state, n.chosen ? "chosen" : "", tree.selected === n.id ? "selected" : ""].join(" ");
     const g = el("g", { class: cls, transform: `translate(${x},${y})`, "data-seq": n.id, tabindex: 0 });
+    // The whole label area takes clicks, not only the dot and the glyphs.
+    g.append(el("rect", { x: -9, y: -10, width: dx - 24, height: 20, class: "hit" }));
     g.append(el("circle", { r: n.id === "root" ? 8 : 6 }));
     const label = n.id === "root" ? `prompt ${n.tokens} tok`
       : [n.score !== null ? fmt(n.score, 2) : null, n.answer ?? null].filter((v) => v !== null).join(" · ");
