@@ -119,7 +119,11 @@ class CompiledForward:
             self._compiled = torch.compile(self._traced, fullgraph=True)
 
     def _traced(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions, self._attn, None)
+        # The forward without its @inference_mode (the caller holds it): traced, the mode
+        # switch is a private torch call that makes AOT autograd refuse to cache the graph.
+        forward = type(self.model).forward
+        forward = getattr(forward, "__wrapped__", forward)
+        return forward(self.model, input_ids, positions, self._attn, None)
 
     def uses_graph(self, num_tokens: int, capture: object | None) -> bool:
         return (

@@ -290,6 +290,7 @@ class LayerSkipDraft(nn.Module):
     def parameters(self, recurse: bool = True):  # type: ignore[override]
         return self.target.parameters(recurse)
 
+    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -300,11 +301,10 @@ class LayerSkipDraft(nn.Module):
         if capture is not None:
             raise ValueError("a layer-skip draft keeps no hidden states")
         remapped = _RenumberedAttention(attn, self._specs)
-        with torch.inference_mode():
-            x = self.target.embed_tokens(input_ids)
-            for layer in self.layers:
-                x = layer(x, positions, self.rotary, remapped)
-            return self.target.norm(x)
+        x = self.target.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, remapped)
+        return self.target.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.target.compute_logits(hidden)
