@@ -37,7 +37,9 @@ from ttscale.tokenizer import Tokenizer
 class Proposer(Protocol):
     """Proposes speculative tokens for a decoding sequence (a draft model, n-gram lookup,
     ...). The engine verifies them all in the sequence's next step and keeps the longest
-    prefix the model itself would have sampled."""
+    prefix the model itself would have sampled. A proposer that also has
+    `propose_batch([(seq_id, token_ids, max_tokens), ...]) -> [drafts, ...]` gets every
+    decoding sequence of a step in one call (a draft model batches them)."""
 
     def propose(self, seq_id: int, token_ids: Seq[int]) -> list[int]:
         """Up to k tokens that may follow `token_ids` (prompt + generated so far)."""
