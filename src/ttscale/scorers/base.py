@@ -8,7 +8,7 @@ score aggregates its steps (min, last or product, as in the PRM literature).
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +21,17 @@ AGGREGATIONS = ("min", "last", "product", "mean")
 class ScoreContext:
     question: str
     session: Session
+    # The task's answer extractor (text -> normalized answer or None), for scorers that judge
+    # answers rather than text.
+    extract: Callable[[str], str | None] | None = None
+    # Whether a branch is a finished candidate (not a search step that ended at the step
+    # delimiter): the strategy's rule. None: every branch that stopped is finished.
+    is_final: Callable[[Branch], bool] | None = None
+
+    def finished(self, branch: Branch) -> bool:
+        if self.is_final is not None:
+            return self.is_final(branch)
+        return branch.finish_reason is not None
 
 
 class Scorer(Protocol):

@@ -8,7 +8,13 @@ the head. No second model, no second pass over the text. A branch that kept no s
 strategy that did not ask) is embedded over the cached prefix instead: correct, just slower.
 
 Scores are probabilities (sigmoid of the head's logit), so they can weight votes. On a partial
-path (beam / tree search) the probe reads the path so far: a process score.
+path (beam / tree search) a text probe reads the path so far: a process score.
+
+An answer probe (`verifier.answers`) judges finished candidates by their extracted answer: one
+restatement per distinct answer over the prompt's cached KV (a few tokens each), plus the
+answer's vote count among the candidates scored together; branches with the same answer get
+the same score. Partial paths have no answer yet: a scorer built on an answer probe hands them
+to its text probe (the shipped scorer pairs the two), and refuses them without one.
 """
 
 from __future__ import annotations
@@ -21,42 +27,111 @@ import torch
 from ttscale.errors import ProbeError
 from ttscale.scorers.base import ScoreContext
 from ttscale.tts.session import Branch, Wait
+from ttscale.verifier.answers import restatement
 from ttscale.verifier.features import answer_start
 from ttscale.verifier.probe import Probe
 
-# The probe shipped for the embedded model (see its card.json for the command that trained it).
-SHIPPED_PROBE = (
-    Path(__file__).resolve().parent.parent / "verifier" / "shipped" / "smollm2-arithmetic"
-)
+# The probes shipped for the embedded model (each card.json has the command that trained it):
+# the answer probe for finished candidates, the text probe for partial paths.
+_SHIPPED = Path(__file__).resolve().parent.parent / "verifier" / "shipped"
+SHIPPED_PROBE = _SHIPPED / "smollm2-arithmetic-answer"
+SHIPPED_TEXT_PROBE = _SHIPPED / "smollm2-arithmetic"
 
 
 class ProbeScorer:
     name = "probe"
-    # Strategies keep branches' KV while scoring so the last row is one token away.
-    needs_retained = True
 
-    def __init__(self, probe: Probe) -> None:
+    def __init__(self, probe: Probe, partial: Probe | None = None) -> None:
+        """`probe` scores finished candidates; `partial`, a text probe, scores unfinished
+        paths when `probe` is an answer probe (which cannot)."""
+        if partial is not None and partial.features.input != "text":
+            raise ProbeError("the probe for partial paths must read text (an input=text card)")
         self.probe = probe
-        self.hidden_layers: tuple[int, ...] = tuple(probe.features.layers)
+        self.text_probe = probe if probe.features.input == "text" else partial
+
+    def needs(self, partial_paths: bool) -> tuple[bool, tuple[int, ...] | None]:
+        """(retain, hidden_layers) for the branches: a text probe reads states kept while
+        generating plus one row over the branch's retained KV; an answer probe needs neither
+        (its restatements run over the prompt)."""
+        text = self.text_probe if partial_paths or self.probe is self.text_probe else None
+        if text is None:
+            return False, None
+        return True, tuple(text.features.layers)
 
     @classmethod
     def load(cls, path: str | Path | None = None, model_source: str | Path | None = None):
-        """The probe folder at `path` (default: the shipped one). With `model_source` (the
+        """The probe folder at `path` (default: the shipped pair). With `model_source` (the
         model path `LLM.source` names), a probe trained for another model is refused."""
-        folder = Path(path) if path is not None else SHIPPED_PROBE
-        if path is None and not folder.is_dir():
-            raise ProbeError(
-                f"no shipped probe at {folder}; train one with `ttscale train-verifier` and "
-                "pass --scorer probe:PATH"
-            )
-        return cls(Probe.load(folder, model_source))
+        if path is not None:
+            return cls(Probe.load(path, model_source))
+        for folder in (SHIPPED_PROBE, SHIPPED_TEXT_PROBE):
+            if not folder.is_dir():
+                raise ProbeError(
+                    f"no shipped probe at {folder}; train one with `ttscale train-verifier` "
+                    "and pass --scorer probe:PATH"
+                )
+        return cls(
+            Probe.load(SHIPPED_PROBE, model_source), Probe.load(SHIPPED_TEXT_PROBE, model_source)
+        )
 
     def score(
         self, ctx: ScoreContext, branches: Sequence[Branch]
     ) -> Generator[Wait, None, list[float]]:
+        if self.probe is self.text_probe:
+            return (yield from self._score_text(self.probe, ctx, branches))
+        finished = [i for i, b in enumerate(branches) if ctx.finished(b)]
+        unfinished = [i for i, b in enumerate(branches) if not ctx.finished(b)]
+        scores = [0.0] * len(branches)
+        if unfinished:
+            if self.text_probe is None:
+                raise ProbeError(
+                    "an answer probe scores finished candidates only; a search over partial "
+                    "paths needs a text probe (the shipped `probe` scorer pairs them)"
+                )
+            part = yield from self._score_text(
+                self.text_probe, ctx, [branches[i] for i in unfinished]
+            )
+            for i, p in zip(unfinished, part, strict=True):
+                scores[i] = p
+        if finished:
+            done = yield from self._score_answers(ctx, [branches[i] for i in finished])
+            for i, p in zip(finished, done, strict=True):
+                scores[i] = p
+        return scores
+
+    def _score_answers(
+        self, ctx: ScoreContext, branches: Sequence[Branch]
+    ) -> Generator[Wait, None, list[float]]:
+        """P(correct) of each branch's answer; 0 for a branch without one."""
+        if ctx.extract is None:
+            raise ProbeError("an answer probe needs the task's answer extractor")
+        session = ctx.session
+        prompt = list(session.prompt_token_ids)
+        tokenizer = session.engine.tokenizer
+        answers = [ctx.extract(b.text) for b in branches]
+        members: dict[str, int] = {}
+        for a in answers:
+            if a is not None:
+                members[a] = members.get(a, 0) + 1
+        if not members:
+            return [0.0] * len(branches)
+
+        def encode(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        spec = self.probe.features
+        seqs = [prompt + restatement(encode, a, spec.template) for a in members]
+        hidden = yield from session.embed(seqs, spec.layers, len(prompt))
+        logits = self.probe.score_answers(hidden, list(members.values()))
+        prob = dict(zip(members, torch.tensor(logits).sigmoid().tolist(), strict=True))
+        return [0.0 if a is None else prob[a] for a in answers]
+
+    def _score_text(
+        self, probe: Probe, ctx: ScoreContext, branches: Sequence[Branch]
+    ) -> Generator[Wait, None, list[float]]:
         session = ctx.session
         prompt_len = len(session.prompt_token_ids)
-        layers = self.hidden_layers
+        layers = tuple(probe.features.layers)
         last = yield from session.embed_last(branches, layers)
         rows: list[torch.Tensor | None] = []
         for b, tail in zip(branches, last, strict=True):
@@ -70,12 +145,12 @@ class ProbeScorer:
             for i, h in zip(missing, fresh, strict=True):
                 rows[i] = h
         starts = [0] * len(branches)
-        if self.probe.features.pooling == "answer":  # only that pooling reads the answer line
+        if probe.features.pooling == "answer":  # only that pooling reads the answer line
             tokenizer = session.engine.tokenizer
 
             def decode_one(t: int) -> str:
                 return tokenizer.decode([t])
 
             starts = [answer_start(decode_one, b.token_ids[prompt_len:]) for b in branches]
-        logits = self.probe.score_hidden([r for r in rows if r is not None], 0, starts)
+        logits = probe.score_hidden([r for r in rows if r is not None], 0, starts)
         return torch.tensor(logits).sigmoid().tolist()

@@ -78,6 +78,8 @@ class Strategy:
 
     name = "strategy"
     needs_scorer = False
+    # Whether the scorer sees unfinished reasoning (search steps) or only finished candidates.
+    scores_partial_paths = True
 
     def __init__(self, spec: str, sampling: dict[str, float] | None = None) -> None:
         self.spec = spec
@@ -110,8 +112,9 @@ class Strategy:
         """(retain, hidden_layers) the scorer wants its branches sampled with: a probe reads
         hidden states kept while generating, plus one row over the branch's retained KV."""
         scorer = query.scorer if self.needs_scorer else None
-        layers = getattr(scorer, "hidden_layers", None)
-        return bool(getattr(scorer, "needs_retained", False)), layers
+        # Only probes want anything, and what depends on whether they see partial paths.
+        needs = getattr(scorer, "needs", None)
+        return needs(self.scores_partial_paths) if needs is not None else (False, None)
 
     def score(
         self, session: Session, query: Query, branches: list[Branch]
@@ -119,7 +122,9 @@ class Strategy:
         """Scores branches (their latest step) and records the scores on them."""
         if query.scorer is None:
             raise ValueError(f"strategy {self.spec} needs a scorer")
-        ctx = ScoreContext(query.question, session)
+        ctx = ScoreContext(
+            query.question, session, query.extract, lambda b: self.is_final(b, query)
+        )
         scores = yield from query.scorer.score(ctx, branches)
         for b, s in zip(branches, scores, strict=True):
             b.scores.append(float(s))

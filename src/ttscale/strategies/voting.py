@@ -28,6 +28,7 @@ class SampleThenSelect(Strategy):
         super().__init__(spec, sampling)
         self.n, self.select, self.greedy = n, select, greedy
         self.needs_scorer = select in ("weighted", "best")
+        self.scores_partial_paths = False  # only finished samples are ever scored
 
     def solve(self, session: Session, query: Query) -> SolveGen:
         params = self.sampling(query, temperature=0.0) if self.greedy else self.sampling(query)

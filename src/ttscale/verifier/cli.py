@@ -51,6 +51,14 @@ def train_verifier(
         str | None, typer.Option("--model", "-m", help="HF folder or .gguf (default: embedded)")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    input_kind: Annotated[
+        str,
+        typer.Option(
+            "--input",
+            help="what the head reads: each candidate's text (also partial paths, for search) "
+            "or each distinct answer restated (finished candidates; stronger, cheaper)",
+        ),
+    ] = "text",
     json_out: Annotated[bool, typer.Option("--json", help="print the card's metrics as JSON")] = (
         False
     ),
@@ -79,6 +87,7 @@ def train_verifier(
             epochs=epochs,
             seed=seed,
             data_dir=data_dir,
+            input=input_kind,
         )
         task_obj = load_task(task, difficulty)
         check_split(task_obj, n_problems, test_problems)
@@ -102,6 +111,16 @@ def train_verifier(
     test = card["metrics"]["test"]
     if json_out:
         print(json.dumps(card["metrics"], indent=2))
+        return
+    if run.input == "answer":
+        err.print(
+            f"held-out {test['n_problems']} problems: "
+            + ", ".join(
+                f"{k} {test[k]['accuracy']:.1%} [{test[k]['lo']:.1%}, {test[k]['hi']:.1%}]"
+                for k in ("probe", "majority")
+            )
+            + f"; probe vs majority {test['probe_vs_majority']}"
+        )
         return
     acc = test["accuracy"]
     err.print(

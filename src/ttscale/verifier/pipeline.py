@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ttscale.verifier.answer_fit import fit_and_test_answers, search_answer_probe
+from ttscale.verifier.answers import RESTATE_TEMPLATE, answer_table
 from ttscale.verifier.data import (
     DATA_DIR,
     TEST_SEED,
@@ -27,7 +29,7 @@ from ttscale.verifier.data import (
 )
 from ttscale.verifier.features import POOLINGS, extract_features
 from ttscale.verifier.fit import FeatureTable, fit_and_test, search
-from ttscale.verifier.probe import CARD_VERSION, Probe, model_hash
+from ttscale.verifier.probe import CARD_VERSION, INPUTS, FeatureSpec, Probe, model_hash
 from ttscale.verifier.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -55,6 +57,9 @@ class VerifierRun:
     epochs: int = 300
     seed: int = 0
     data_dir: Path = DATA_DIR
+    # "text": the head reads each candidate's own tokens; "answer": each distinct answer,
+    # restated (verifier.answers) -- no text features to extract, so much cheaper.
+    input: str = "text"
 
     def __post_init__(self) -> None:
         if self.n_problems < MIN_TRAIN_PROBLEMS:
@@ -74,6 +79,8 @@ class VerifierRun:
             raise ValueError("--max-tokens must be >= 8")
         if self.folds < 2:
             raise ValueError("--folds must be >= 2")
+        if self.input not in INPUTS:
+            raise ValueError(f"--input must be one of {', '.join(INPUTS)}, not {self.input!r}")
 
     def command(self) -> str:
         parts = [
@@ -88,6 +95,7 @@ class VerifierRun:
             f"--folds {self.folds}",
             f"--epochs {self.epochs}",
             f"--seed {self.seed}",
+            f"--input {self.input}",
         ]
         if self.layers:
             parts.append(f"--layers {','.join(map(str, self.layers))}")
@@ -133,7 +141,7 @@ def train_verifier(
         raise ValueError(f"layers must be in 0..{llm.config.num_hidden_layers}")
     base = TrainConfig(epochs=run.epochs, seed=run.seed)
 
-    tables = {}
+    splits = {}
     for split, seed, n in (
         ("train", TRAIN_SEED_BASE, run.n_problems),
         ("test", TEST_SEED, run.test_problems),
@@ -153,8 +161,15 @@ def train_verifier(
             log=log,
         )
         log(f"{split}: {n} problems x {run.samples} samples ({time.perf_counter() - t0:.0f} s)")
-        feats = _features(llm, items, path, layers, log)
-        tables[split] = FeatureTable(items, feats, POOLINGS, tuple(layers))
+        splits[split] = (items, path)
+    if run.input == "answer":
+        return _train_answer_probe(llm, task, run, splits, layers, base, log, t_start)
+    tables = {
+        split: FeatureTable(
+            items, _features(llm, items, path, layers, log), POOLINGS, tuple(layers)
+        )
+        for split, (items, path) in splits.items()
+    }
 
     log("search (grouped cross-validation on training problems):")
     trials = search(tables["train"], base, folds=run.folds, seed=run.seed, log=log)
@@ -162,8 +177,32 @@ def train_verifier(
     head, report = fit_and_test(tables["train"], tables["test"], best.spec, best.config)
     test = report["probe"]
     card = {
+        **_card_header(llm, task, "outcome probe"),
+        "features": {"pooling": best.spec.pooling, "layers": list(best.spec.layers)},
+        "head": _card_head(best.config, int(tables["train"].matrix(best.spec).shape[1])),
+        "data": _card_data(run, len(tables["train"].labels), len(tables["test"].labels)),
+        "search": {
+            "folds": run.folds,
+            "criterion": "within-problem AUROC, out of fold",
+            "trials": [t.row() for t in trials],
+        },
+        "metrics": {
+            "test": test,
+            "test_hygiene": report["probe_hygiene"],
+            "test_logprob_baseline": report["logprob"],
+        },
+        **_card_footer(run, t_start),
+    }
+    probe = Probe(head, best.spec, card)
+    probe.save(run.out)
+    log(f"saved {run.out}")
+    return probe, card
+
+
+def _card_header(llm: LLM, task: Task, kind: str) -> dict[str, Any]:
+    return {
         "version": CARD_VERSION,
-        "kind": "outcome probe",
+        "kind": kind,
         "model": {
             "id": Path(str(llm.source)).name,
             "hash": model_hash(llm.source),
@@ -177,52 +216,95 @@ def train_verifier(
             "family": task.family,
             "difficulty": getattr(task, "difficulty", None),
         },
-        "features": {"pooling": best.spec.pooling, "layers": list(best.spec.layers)},
-        "head": {
-            "type": best.config.head,
-            "dim": int(tables["train"].matrix(best.spec).shape[1]),
-            "hidden": best.config.hidden,
-            "loss": best.config.loss,
-            "epochs": best.config.epochs,
-            "lr": best.config.lr,
-            "weight_decay": best.config.weight_decay,
+    }
+
+
+def _card_head(config: TrainConfig, dim: int) -> dict[str, Any]:
+    return {
+        "type": config.head,
+        "dim": dim,
+        "hidden": config.hidden,
+        "loss": config.loss,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+    }
+
+
+def _card_data(run: VerifierRun, n_train_rows: int, n_test_rows: int) -> dict[str, Any]:
+    rows = "n_answers" if run.input == "answer" else "n_candidates"
+    return {
+        "sampling": {
+            "temperature": run.temperature,
+            "top_p": run.top_p,
+            "max_tokens": run.max_tokens,
+            "samples": run.samples,
         },
-        "data": {
-            "sampling": {
-                "temperature": run.temperature,
-                "top_p": run.top_p,
-                "max_tokens": run.max_tokens,
-                "samples": run.samples,
-            },
-            "train": {
-                "problem_seed": TRAIN_SEED_BASE,
-                "n_problems": run.n_problems,
-                "n_candidates": len(tables["train"].labels),
-                "positive_rate": float(tables["train"].labels.mean()),
-            },
-            "test": {
-                "problem_seed": TEST_SEED,
-                "n_problems": run.test_problems,
-                "n_candidates": len(tables["test"].labels),
-            },
-            "note": "problems are task.problems(n, seed); evaluations use other seeds",
+        "train": {
+            "problem_seed": TRAIN_SEED_BASE,
+            "n_problems": run.n_problems,
+            rows: n_train_rows,
         },
-        "search": {
-            "folds": run.folds,
-            "criterion": "within-problem AUROC, out of fold",
-            "trials": [t.row() for t in trials],
-        },
-        "metrics": {
-            "test": test,
-            "test_hygiene": report["probe_hygiene"],
-            "test_logprob_baseline": report["logprob"],
-        },
+        "test": {"problem_seed": TEST_SEED, "n_problems": run.test_problems, rows: n_test_rows},
+        "note": "problems are task.problems(n, seed); evaluations use other seeds",
+    }
+
+
+def _card_footer(run: VerifierRun, t_start: float) -> dict[str, Any]:
+    return {
         "command": run.command(),
         "seconds": round(time.perf_counter() - t_start, 1),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    probe = Probe(head, best.spec, card)
+
+
+def _train_answer_probe(
+    llm: LLM,
+    task: Task,
+    run: VerifierRun,
+    splits: dict[str, tuple[list, Path]],
+    layers: Sequence[int],
+    base: TrainConfig,
+    log: Callable[[str], None],
+    t_start: float,
+) -> tuple[Probe, dict[str, Any]]:
+    """Answer features of both splits, the search on training problems, one test."""
+    tables = {}
+    for split, (items, _) in splits.items():
+        t0 = time.perf_counter()
+        tables[split] = answer_table(llm, items, layers, RESTATE_TEMPLATE, log)
+        log(f"{split}: answer features in {time.perf_counter() - t0:.0f} s")
+    log("search (grouped cross-validation on training problems, top-1 answer accuracy):")
+    trials = search_answer_probe(
+        tables["train"], run.n_problems, base, folds=run.folds, seed=run.seed, log=log
+    )
+    best = trials[0]
+    head, report = fit_and_test_answers(
+        tables["train"], tables["test"], run.test_problems, best.layers, best.config
+    )
+    log(f"test: {report}")
+    spec = FeatureSpec("mean", best.layers, "answer", RESTATE_TEMPLATE)
+    card = {
+        **_card_header(llm, task, "answer probe"),
+        "features": {
+            "input": "answer",
+            "template": RESTATE_TEMPLATE,
+            "pooling": "mean",
+            "layers": list(best.layers),
+            "extra": ["log vote count"],
+        },
+        "head": _card_head(best.config, int(tables["train"].matrix(best.layers).shape[1])),
+        "data": _card_data(run, len(tables["train"].labels), len(tables["test"].labels)),
+        "search": {
+            "folds": run.folds,
+            "criterion": "top-1 answer accuracy out of fold (within-problem AUROC on ties)",
+            "trials": [t.row() for t in trials],
+        },
+        "metrics": {"test": report},
+        **_card_footer(run, t_start),
+    }
+    probe = Probe(head, spec, card)
     probe.save(run.out)
     log(f"saved {run.out}")
     return probe, card

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ttscale.errors import ProbeError
+from ttscale.verifier.answers import RESTATE_TEMPLATE, answer_row
 from ttscale.verifier.features import POOLINGS, answer_start, pool
 from ttscale.verifier.train import ProbeHead
 
@@ -60,18 +61,30 @@ def model_hash(source: str | Path) -> str:
     return digest.hexdigest()
 
 
+INPUTS = ("text", "answer")
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which pooled rows feed the head, concatenated in this order."""
+    """Which pooled rows feed the head, concatenated in this order. ``input``: ``text`` reads
+    the candidate's own tokens (any partial path too); ``answer`` reads the restatement
+    ``template`` of its extracted answer, mean pooled, plus the answer's log vote count
+    (:mod:`ttscale.verifier.answers`): finished candidates only."""
 
     pooling: str
     layers: tuple[int, ...]
+    input: str = "text"
+    template: str = RESTATE_TEMPLATE
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ProbeError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if not self.layers:
             raise ProbeError("a probe needs at least one layer")
+        if self.input not in INPUTS:
+            raise ProbeError(f"probe input must be one of {INPUTS}, not {self.input!r}")
+        if self.input == "answer" and (self.pooling != "mean" or "{answer}" not in self.template):
+            raise ProbeError("an answer probe mean-pools a template that contains {answer}")
 
 
 class Probe:
@@ -93,6 +106,13 @@ class Probe:
             pool(h.float(), prompt_len, s, (self.features.pooling,))[0].reshape(-1)
             for h, s in zip(hidden, span_starts, strict=True)
         ]
+        with torch.no_grad():
+            return self.head(torch.stack(rows)).tolist()
+
+    def score_answers(self, hidden: Sequence[torch.Tensor], counts: Sequence[int]) -> list[float]:
+        """Logits of distinct answers given the hidden states over their restatements
+        ``(T, len(layers), H)`` and their vote counts (an answer probe)."""
+        rows = [answer_row(h, c) for h, c in zip(hidden, counts, strict=True)]
         with torch.no_grad():
             return self.head(torch.stack(rows)).tolist()
 
@@ -136,7 +156,10 @@ class Probe:
             card = json.loads(card_path.read_text(encoding="utf-8"))
             head_cfg, feat_cfg = card["head"], card["features"]
             features = FeatureSpec(
-                str(feat_cfg["pooling"]), tuple(int(x) for x in feat_cfg["layers"])
+                str(feat_cfg["pooling"]),
+                tuple(int(x) for x in feat_cfg["layers"]),
+                str(feat_cfg.get("input", "text")),
+                str(feat_cfg.get("template", RESTATE_TEMPLATE)),
             )
             kind, dim, hidden = str(head_cfg["type"]), int(head_cfg["dim"]), int(head_cfg["hidden"])
             want_hash = str(card["model"]["hash"])

@@ -1,6 +1,8 @@
 """Training a probe head on pooled hidden states: logistic regression or a 1-hidden-layer MLP,
-pointwise (BCE) or pairwise within a problem (a correct candidate should outscore a wrong one
-of the *same* problem: RankNet's logistic pair loss), full-batch Adam on CPU in seconds.
+pointwise (BCE), pairwise within a problem (a correct candidate should outscore a wrong one
+of the *same* problem: RankNet's logistic pair loss) or listwise (a softmax over a problem's
+rows should put its mass on the correct ones: ListNet-style, what picking one answer out of
+a problem's distinct answers needs), full-batch Adam on CPU in seconds.
 
 Splits are by problem (:func:`group_folds`): candidates of one problem are never on both sides,
 or a probe that memorizes problems would look like one that ranks candidates.
@@ -18,7 +20,7 @@ from torch import nn
 from ttscale.threads import one_torch_thread
 
 HEADS = ("logreg", "mlp")
-LOSSES = ("bce", "pairwise", "both")
+LOSSES = ("bce", "pairwise", "both", "listwise")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,9 @@ def _train(
     y = torch.from_numpy(targets)
     pairs = within_pairs(targets >= 0.5, np.asarray(groups))
     use_pairs = config.loss in ("pairwise", "both") and len(pairs) > 0
-    use_bce = config.loss in ("bce", "both") or not use_pairs
+    lists = _lists(targets >= 0.5, np.asarray(groups)) if config.loss == "listwise" else None
+    use_list = lists is not None and len(lists[0]) > 0
+    use_bce = config.loss in ("bce", "both") or not (use_pairs or use_list)
     # Class balance for BCE: correct candidates are a minority on hard tasks.
     n_pos = float(y.sum())
     pos_weight = torch.tensor((len(y) - n_pos) / max(n_pos, 1.0))
@@ -111,11 +115,44 @@ def _train(
             )
         if use_pairs:
             loss = loss + nn.functional.softplus(s[pairs[:, 1]] - s[pairs[:, 0]]).mean()
+        if use_list:
+            rows, segment, positive = lists  # type: ignore[misc]
+            loss = loss + _listwise_loss(s[rows], segment, positive)
         loss.backward()
         opt.step()
     model.eval()
     _calibrate(model, x, y)
     return model
+
+
+def _lists(labels: np.ndarray, groups: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Rows of the problems that have a correct row and a wrong one (the others carry no
+    ranking signal): their indices, their problem's position among those, their labels."""
+    rows, segment = [], []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        if labels[idx].any() and not labels[idx].all():
+            rows.append(idx)
+            segment.append(np.full(len(idx), len(rows) - 1))
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0, dtype=torch.bool)
+    cat = np.concatenate(rows)
+    return (
+        torch.from_numpy(cat).long(),
+        torch.from_numpy(np.concatenate(segment)).long(),
+        torch.from_numpy(labels[cat]),
+    )
+
+
+def _listwise_loss(s: torch.Tensor, segment: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over problems of -log(softmax mass on the correct rows)."""
+    n = int(segment.max()) + 1
+    top = torch.full((n,), -torch.inf).scatter_reduce(0, segment, s.detach(), "amax")
+    e = torch.exp(s - top[segment])
+    total = torch.zeros(n).index_add(0, segment, e)
+    good = torch.zeros(n).index_add(0, segment, e * positive)
+    return -(torch.log(good) - torch.log(total)).mean()
 
 
 def _calibrate(model: ProbeHead, x: torch.Tensor, y: torch.Tensor) -> None:
