@@ -44,7 +44,8 @@ COST = ("generated_tokens", "flops", "bytes", "amortized_time")
 
 
 def derived_rows(records: list[dict], task, problems: dict, k: int) -> dict[str, list[dict]]:
-    """majority@k / weighted@k / bon@k / pass@k from the first k candidates of bon@N records."""
+    """majority@k / pass@k (and weighted@k / bon@k for k = N) from the first k candidates of
+    bon@N records."""
     out: dict[str, list[dict]] = {f"{s}@{k}": [] for s in ("majority", "weighted", "bon", "pass")}
     for r in records:
         p = problems[r["problem_id"]]
@@ -60,7 +61,15 @@ def derived_rows(records: list[dict], task, problems: dict, k: int) -> dict[str,
         best = cands[max(kept, key=lambda i: (scores[i], -i))]["answer"] if kept else None
         # The bon@N run's cost belongs to N samples; @k rows (k < N) have no cost of their own.
         cost = {f: r.get(f) if k == len(r["candidates"]) else None for f in COST}
-        for name, answer in (("majority", maj), ("weighted", wtd), ("bon", best)):
+        # Scores of an answer probe depend on the set scored together (an answer's vote count
+        # among the N): weighted/bon from a subset of those scores would not be what the
+        # strategy at k computes, so @k < N rows derive only majority and pass@k.
+        selections = [("majority", maj), ("weighted", wtd), ("bon", best)]
+        if k < len(r["candidates"]):
+            out.pop(f"weighted@{k}", None)
+            out.pop(f"bon@{k}", None)
+            selections = selections[:1]
+        for name, answer in selections:
             out[f"{name}@{k}"].append(
                 {
                     "problem_id": p.id,
