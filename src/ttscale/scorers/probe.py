@@ -38,6 +38,12 @@ SHIPPED_PROBE = _SHIPPED / "smollm2-arithmetic-answer"
 SHIPPED_TEXT_PROBE = _SHIPPED / "smollm2-arithmetic"
 
 
+_NO_TEXT_PROBE = (
+    "an answer probe scores finished candidates only; a search over partial paths needs a "
+    "text probe (the shipped `probe` scorer pairs them)"
+)
+
+
 class ProbeScorer:
     name = "probe"
 
@@ -53,6 +59,8 @@ class ProbeScorer:
         """(retain, hidden_layers) for the branches: a text probe reads states kept while
         generating plus one row over the branch's retained KV; an answer probe needs neither
         (its restatements run over the prompt)."""
+        if partial_paths and self.text_probe is None:  # said before any sampling starts
+            raise ProbeError(_NO_TEXT_PROBE)
         text = self.text_probe if partial_paths or self.probe is self.text_probe else None
         if text is None:
             return False, None
@@ -84,10 +92,7 @@ class ProbeScorer:
         scores = [0.0] * len(branches)
         if unfinished:
             if self.text_probe is None:
-                raise ProbeError(
-                    "an answer probe scores finished candidates only; a search over partial "
-                    "paths needs a text probe (the shipped `probe` scorer pairs them)"
-                )
+                raise ProbeError(_NO_TEXT_PROBE)
             part = yield from self._score_text(
                 self.text_probe, ctx, [branches[i] for i in unfinished]
             )
