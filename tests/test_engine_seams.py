@@ -112,6 +112,25 @@ def test_hidden_states_match_transformers(model_dir):
     assert_pool_full(llm)
 
 
+def test_sequences_in_one_step_get_their_own_layers(model_dir):
+    """A step computes the union of its sequences' layers; each gets back only its own (a
+    search's text probe and an answer probe's restatements can share a step)."""
+    llm = make_llm(model_dir)
+    engine = llm.engine
+    a = engine.add_embed_request("a", PROMPTS[0], [0, 2], 0)
+    b = engine.add_embed_request("b", PROMPTS[1], [1], 0)
+    while not (a.finished and b.finished):
+        engine.step()
+    both = llm.hidden_states([PROMPTS[0], PROMPTS[1]], [0, 1, 2])
+    got_a, got_b = a.sequences[0].hidden_states, b.sequences[0].hidden_states
+    assert got_a.shape[1] == 2 and got_b.shape[1] == 1
+    assert (got_a - both[0][:, [0, 2]]).abs().max() < 1e-5
+    assert (got_b - both[1][:, [1]]).abs().max() < 1e-5
+    engine.release("a")
+    engine.release("b")
+    assert_pool_full(llm)
+
+
 def test_fork_embed_recomputes_only_the_tail(model_dir):
     """A finished, retained candidate is scored by recomputing its last tokens over the
     shared KV: hidden states equal a full pass, and the step computes only those tokens."""

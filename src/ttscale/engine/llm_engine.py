@@ -516,7 +516,12 @@ class LLMEngine:
                 self.stats["decode_tokens"] += n
             if s.return_hidden:
                 assert result.hidden is not None
-                seq.capture_hidden(result.hidden[hidden_row : hidden_row + n], s.start_pos)
+                rows = result.hidden[hidden_row : hidden_row + n]
+                if seq.hidden_layers != batch.hidden_layers:
+                    # The step computed the union of its sequences' layers: keep this one's.
+                    assert seq.hidden_layers is not None
+                    rows = rows[:, [batch.hidden_layers.index(x) for x in seq.hidden_layers]]
+                seq.capture_hidden(rows, s.start_pos)
                 hidden_row += n
             if not seq.num_draft_tokens:
                 self.block_manager.commit_computed(
