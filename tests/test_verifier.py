@@ -495,3 +495,36 @@ def test_answer_probe_search_and_test_on_a_synthetic_table():
     _, report = fit_and_test_answers(table(1), table(2), 40, trials[0].layers, trials[0].config)
     assert report["probe"]["accuracy"] > 0.8 > report["majority"]["accuracy"] + 0.3
     assert report["probe_vs_majority"]["wins"] > report["probe_vs_majority"]["losses"]
+
+
+def test_folds_keep_a_repeated_question_together():
+    groups = np.arange(12)
+    questions = [f"q{i % 5}" for i in range(12)]  # q0..q4, asked 3, 3, 2, 2, 2 times
+    folds = group_folds(groups, 3, seed=0, same=questions)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(12))
+    for fold in folds:
+        asked = {questions[i] for i in fold}
+        others = {questions[i] for f in folds if f is not fold for i in f}
+        assert not asked & others
+    with pytest.raises(ValueError, match="distinct problems"):
+        group_folds(groups, 6, same=questions)
+
+
+def test_test_problems_that_ask_a_training_question_are_left_out():
+    from ttscale.verifier.data import Candidate, ProblemSamples
+    from ttscale.verifier.pipeline import _keep_problems, _unseen_test_problems
+
+    def item(q, k=2):
+        c = Candidate([1], "t", "1", True, "stop", -1.0)
+        return ProblemSamples(q, q, "1", [1], c, [c] * k)
+
+    train = [item("a"), item("b")]
+    test = [item(q) for q in ("a", "c", "d", "b", "e", "f", "g", "h", "i", "j", "k", "l")]
+    keep = _unseen_test_problems({"train": (train, None), "test": (test, None)}, lambda s: None)
+    assert [test[i].question for i in keep] == list("cdefghijkl")
+    feats = torch.arange(24, dtype=torch.float16).reshape(24, 1, 1, 1)
+    table = _keep_problems(FeatureTable(test, feats, ("last",), (1,)), keep)
+    assert [it.question for it in table.items] == list("cdefghijkl")
+    assert table.feats[:2].flatten().tolist() == [2.0, 3.0]  # problem "c": rows 2 and 3
+    with pytest.raises(ValueError, match="too few to hold out"):
+        _unseen_test_problems({"train": (test, None), "test": (test, None)}, lambda s: None)

@@ -10,11 +10,14 @@ strategy that did not ask) is embedded over the cached prefix instead: correct, 
 Scores are probabilities (sigmoid of the head's logit), so they can weight votes. On a partial
 path (beam / tree search) a text probe reads the path so far: a process score.
 
-An answer probe (`verifier.answers`) judges finished candidates by their extracted answer: one
-restatement per distinct answer over the prompt's cached KV (a few tokens each), plus the
-answer's vote count among the candidates scored together; branches with the same answer get
-the same score. Partial paths have no answer yet: a scorer built on an answer probe hands them
-to its text probe (the shipped scorer pairs the two), and refuses them without one.
+An answer probe (`verifier.answers`, `probe:PATH` of a `train-verifier --input answer` folder)
+judges finished candidates by their extracted answer: one restatement per distinct answer over
+the prompt's cached KV (a few tokens each), plus the answer's vote count among the candidates
+scored together; branches with the same answer get the same score. Partial paths have no
+answer yet: `ProbeScorer(answer_probe, partial=text_probe)` hands them to a text probe, and
+without one a search over partial paths is refused before it samples. The shipped probe is a
+text probe: on questions outside its training data the answer probe did worse than a plain
+vote (docs/BENCHMARKS.md, "An answer probe memorizes").
 """
 
 from __future__ import annotations
@@ -31,16 +34,15 @@ from ttscale.verifier.answers import restatement
 from ttscale.verifier.features import answer_start
 from ttscale.verifier.probe import Probe
 
-# The probes shipped for the embedded model (each card.json has the command that trained it):
-# the answer probe for finished candidates, the text probe for partial paths.
-_SHIPPED = Path(__file__).resolve().parent.parent / "verifier" / "shipped"
-SHIPPED_PROBE = _SHIPPED / "smollm2-arithmetic-answer"
-SHIPPED_TEXT_PROBE = _SHIPPED / "smollm2-arithmetic"
+# The probe shipped for the embedded model (see its card.json for the command that trained it).
+SHIPPED_PROBE = (
+    Path(__file__).resolve().parent.parent / "verifier" / "shipped" / "smollm2-arithmetic"
+)
 
 
 _NO_TEXT_PROBE = (
     "an answer probe scores finished candidates only; a search over partial paths needs a "
-    "text probe (the shipped `probe` scorer pairs them)"
+    "text probe: ProbeScorer(answer_probe, partial=text_probe)"
 )
 
 
@@ -68,19 +70,15 @@ class ProbeScorer:
 
     @classmethod
     def load(cls, path: str | Path | None = None, model_source: str | Path | None = None):
-        """The probe folder at `path` (default: the shipped pair). With `model_source` (the
+        """The probe folder at `path` (default: the shipped one). With `model_source` (the
         model path `LLM.source` names), a probe trained for another model is refused."""
-        if path is not None:
-            return cls(Probe.load(path, model_source))
-        for folder in (SHIPPED_PROBE, SHIPPED_TEXT_PROBE):
-            if not folder.is_dir():
-                raise ProbeError(
-                    f"no shipped probe at {folder}; train one with `ttscale train-verifier` "
-                    "and pass --scorer probe:PATH"
-                )
-        return cls(
-            Probe.load(SHIPPED_PROBE, model_source), Probe.load(SHIPPED_TEXT_PROBE, model_source)
-        )
+        folder = Path(path) if path is not None else SHIPPED_PROBE
+        if path is None and not folder.is_dir():
+            raise ProbeError(
+                f"no shipped probe at {folder}; train one with `ttscale train-verifier` and "
+                "pass --scorer probe:PATH"
+            )
+        return cls(Probe.load(folder, model_source))
 
     def score(
         self, ctx: ScoreContext, branches: Sequence[Branch]

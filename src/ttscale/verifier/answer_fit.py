@@ -95,9 +95,11 @@ def search_answer_probe(
     folds: int = 4,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    questions: Sequence[str] | None = None,
 ) -> list[AnswerTrial]:
-    """Every trial, best first."""
-    fold_ids = group_folds(np.arange(n_problems), folds, seed)
+    """Every trial, best first. ``questions`` (one per problem): repeated questions share a
+    fold (see :func:`group_folds`)."""
+    fold_ids = group_folds(np.arange(n_problems), folds, seed, same=questions)
     trials: list[AnswerTrial] = []
 
     def run(layers: tuple[int, ...], head: str, loss: str) -> None:

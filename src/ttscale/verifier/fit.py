@@ -140,7 +140,8 @@ def search(
     log: Callable[[str], None] = print,
 ) -> list[Trial]:
     """Every trial, best first (by within-problem AUROC, out of fold)."""
-    fold_ids = group_folds(table.groups, folds, seed)
+    questions = [it.question for it in table.items]
+    fold_ids = group_folds(table.groups, folds, seed, same=questions)
     trials: list[Trial] = []
 
     def run(spec: FeatureSpec, config: TrainConfig) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -162,7 +163,9 @@ def train_verifier(
         )
         log(f"{split}: {n} problems x {run.samples} samples ({time.perf_counter() - t0:.0f} s)")
         splits[split] = (items, path)
+    unseen = _unseen_test_problems(splits, log)
     if run.input == "answer":
+        splits["test"] = ([splits["test"][0][i] for i in unseen], splits["test"][1])
         return _train_answer_probe(llm, task, run, splits, layers, base, log, t_start)
     tables = {
         split: FeatureTable(
@@ -170,6 +173,7 @@ def train_verifier(
         )
         for split, (items, path) in splits.items()
     }
+    tables["test"] = _keep_problems(tables["test"], unseen)
 
     log("search (grouped cross-validation on training problems):")
     trials = search(tables["train"], base, folds=run.folds, seed=run.seed, log=log)
@@ -231,6 +235,36 @@ def _card_head(config: TrainConfig, dim: int) -> dict[str, Any]:
     }
 
 
+def _unseen_test_problems(
+    splits: dict[str, tuple[list, Path]], log: Callable[[str], None]
+) -> list[int]:
+    """Indices of the test problems whose question no training problem asks. Generators repeat
+    questions across seeds (two-term sums do, often): a test on them would reward a head that
+    memorized questions, which is not what it will meet."""
+    asked = {it.question for it in splits["train"][0]}
+    test = splits["test"][0]
+    keep = [i for i, it in enumerate(test) if it.question not in asked]
+    log(f"test: {len(test) - len(keep)} of {len(test)} problems ask a training question: left out")
+    if len(keep) < MIN_TEST_PROBLEMS:
+        raise ValueError(
+            f"only {len(keep)} test problems ask questions the training problems do not: "
+            f"too few to hold out (need >= {MIN_TEST_PROBLEMS}); ask for more --test-problems"
+        )
+    return keep
+
+
+def _keep_problems(table: FeatureTable, keep: Sequence[int]) -> FeatureTable:
+    """The table restricted to the problems at ``keep`` (their candidates' feature rows)."""
+    starts = np.cumsum([0] + [len(it.candidates) for it in table.items])
+    rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in keep])
+    return FeatureTable(
+        [table.items[i] for i in keep],
+        table.feats[torch.from_numpy(rows)],
+        table.poolings,
+        table.layers,
+    )
+
+
 def _card_data(run: VerifierRun, n_train_rows: int, n_test_rows: int) -> dict[str, Any]:
     rows = "n_answers" if run.input == "answer" else "n_candidates"
     return {
@@ -245,8 +279,14 @@ def _card_data(run: VerifierRun, n_train_rows: int, n_test_rows: int) -> dict[st
             "n_problems": run.n_problems,
             rows: n_train_rows,
         },
-        "test": {"problem_seed": TEST_SEED, "n_problems": run.test_problems, rows: n_test_rows},
-        "note": "problems are task.problems(n, seed); evaluations use other seeds",
+        "test": {
+            "problem_seed": TEST_SEED,
+            "n_problems": run.test_problems,
+            "scored": "the problems whose question no training problem asks",
+            rows: n_test_rows,
+        },
+        "note": "problems are task.problems(n, seed); evaluations use other seeds; "
+        "cross-validation folds keep repeated questions together",
     }
 
 
@@ -276,12 +316,20 @@ def _train_answer_probe(
         tables[split] = answer_table(llm, items, layers, RESTATE_TEMPLATE, log)
         log(f"{split}: answer features in {time.perf_counter() - t0:.0f} s")
     log("search (grouped cross-validation on training problems, top-1 answer accuracy):")
+    questions = [it.question for it in splits["train"][0]]
     trials = search_answer_probe(
-        tables["train"], run.n_problems, base, folds=run.folds, seed=run.seed, log=log
+        tables["train"],
+        run.n_problems,
+        base,
+        folds=run.folds,
+        seed=run.seed,
+        log=log,
+        questions=questions,
     )
     best = trials[0]
+    n_test = len(splits["test"][0])
     head, report = fit_and_test_answers(
-        tables["train"], tables["test"], run.test_problems, best.layers, best.config
+        tables["train"], tables["test"], n_test, best.layers, best.config
     )
     log(f"test: {report}")
     spec = FeatureSpec("mean", best.layers, "answer", RESTATE_TEMPLATE)

@@ -180,15 +180,26 @@ def _calibrate(model: ProbeHead, x: torch.Tensor, y: torch.Tensor) -> None:
         last.bias.mul_(scale).add_(b.detach())
 
 
-def group_folds(groups: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+def group_folds(
+    groups: np.ndarray, k: int, seed: int = 0, same: Sequence[str] | None = None
+) -> list[np.ndarray]:
     """``k`` disjoint sets of problem ids covering every problem: fold ``i`` is validation,
-    the rest training. Problems, not candidates, are shuffled and dealt."""
+    the rest training. Problems, not candidates, are shuffled and dealt. ``same``: a key per
+    problem id (its question): problems with one key land in one fold, since a question that
+    a generator asks twice would otherwise be validated on its own training copy -- and a
+    head that memorizes questions would look like one that ranks answers."""
     uniq = np.unique(groups)
-    if len(uniq) < k:
-        raise ValueError(f"{len(uniq)} problems cannot make {k} folds")
+    keys = uniq if same is None else np.array([same[int(g)] for g in uniq])
+    distinct = np.unique(keys)
+    if len(distinct) < k:
+        raise ValueError(f"{len(distinct)} distinct problems cannot make {k} folds")
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(uniq)
-    return [perm[i::k] for i in range(k)]
+    perm = rng.permutation(distinct)
+    if same is None:
+        return [perm[i::k] for i in range(k)]
+    fold_of = {key: i % k for i, key in enumerate(perm)}
+    which = np.array([fold_of[key] for key in keys])
+    return [uniq[which == i] for i in range(k)]
 
 
 def cross_val_scores(
