@@ -205,7 +205,7 @@ def _table(n_problems=30, k=6, layers=(1, 2), seed=0) -> FeatureTable:
             Candidate([1], "x", "1" if y[i] else "2", bool(y[i]), "stop", -1.0)
             for i in np.flatnonzero(g == p)
         ]
-        items.append(ProblemSamples(f"p{p}", "q", "1", [0], cands[0], cands))
+        items.append(ProblemSamples(f"p{p}", f"q{p}", "1", [0], cands[0], cands))
     # Layer 2 carries the signal, layer 1 is noise; poolings are copies.
     noise = torch.randn(len(y), 8, generator=torch.Generator().manual_seed(seed))
     per_layer = {1: noise, 2: x}
