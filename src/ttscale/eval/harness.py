@@ -30,8 +30,8 @@ from ttscale.tts.hygiene import Hygiene
 if TYPE_CHECKING:
     from ttscale.llm import LLM
     from ttscale.scorers import Scorer
-    from ttscale.strategies.base import SearchConfig
-    from ttscale.tasks import Task
+    from ttscale.strategies.base import SearchConfig, Strategy
+    from ttscale.tasks import Problem, Task
 
 
 @contextmanager
@@ -66,6 +66,39 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[str, int], None]]
         yield advance
 
 
+def check_run(
+    task: Task, strategies: Sequence[str], n_problems: int, seed: int, concurrency: int
+) -> tuple[dict[str, Strategy], list[Problem]]:
+    """The run's strategies by spec (deduplicated, in order) and its problems; ValueError on
+    bad input before any work (shared by the local and the Ray harness)."""
+    specs = list(dict.fromkeys(s.strip() for s in strategies if s.strip()))
+    if not specs:
+        raise ValueError("no strategy given")
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    built = {s: make_strategy(s) for s in specs}
+    problems = task.problems(n_problems, seed)
+    if not problems:
+        raise ValueError(f"task {task.name!r} gave no problems")
+    return built, problems
+
+
+def open_run(
+    out_dir: Path, settings: dict[str, Any], resume: bool
+) -> tuple[Path, list[dict[str, Any]], set[tuple[str, str]]]:
+    """The folder checked against ``settings`` (or cleared): its records file, the records
+    already there, and their (strategy, problem id) pairs."""
+    prepare_out_dir(out_dir, settings, resume)
+    records_path = out_dir / RECORDS_FILE
+    records = load_records(records_path)
+    return records_path, records, {(r["strategy"], r["problem_id"]) for r in records}
+
+
+def session_stamp() -> str:
+    """Names one run's records, so a resumed folder can tell runs (and their timings) apart."""
+    return datetime.now().isoformat(timespec="microseconds")
+
+
 def run_eval(
     llm: LLM,
     task: Task,
@@ -90,15 +123,8 @@ def run_eval(
     holds results of other settings (unless ``resume=False``). ``numerics``: the LLM's
     non-default dtype / quantize, part of the settings."""
     out_dir = Path(out_dir)
-    specs = list(dict.fromkeys(s.strip() for s in strategies if s.strip()))
-    if not specs:
-        raise ValueError("no strategy given")
-    if concurrency < 1:
-        raise ValueError("concurrency must be >= 1")
-    built = {s: make_strategy(s) for s in specs}  # bad specs fail before any work
-    problems = task.problems(n_problems, seed)
-    if not problems:
-        raise ValueError(f"task {task.name!r} gave no problems")
+    built, problems = check_run(task, strategies, n_problems, seed, concurrency)
+    specs = list(built)
     from ttscale.scorers import load_scorer
 
     scorer: Scorer | None = None
@@ -108,12 +134,9 @@ def run_eval(
         load_scorer(scorer_spec, llm.source)  # cheap but a reward model, which is not loaded
 
     settings = run_settings(llm.source, task, params, seed, scorer_spec, search, hygiene, numerics)
-    prepare_out_dir(out_dir, settings, resume)
-    records_path = out_dir / RECORDS_FILE
-    records = load_records(records_path)
-    done = {(r["strategy"], r["problem_id"]) for r in records}
+    records_path, records, done = open_run(out_dir, settings, resume)
     todo = {s: [p for p in problems if (s, p.id) not in done] for s in specs}
-    session = datetime.now().isoformat(timespec="microseconds")  # this run's records
+    session = session_stamp()
 
     with (
         _progress(sum(map(len, todo.values())), progress) as advance,

@@ -22,16 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ttscale.eval.harness import _progress
+from ttscale.eval.harness import _progress, check_run, open_run, session_stamp
 from ttscale.eval.store import (
-    RECORDS_FILE,
-    load_records,
-    prepare_out_dir,
     run_settings,
     write_summary,
 )
 from ttscale.eval.summary import summarize_records
-from ttscale.strategies import make_strategy
 from ttscale.strategies.api import DEFAULT_PARAMS
 
 if TYPE_CHECKING:
@@ -78,15 +74,8 @@ def run_eval(
     its problems, seconds, FLOPs and bytes. Raises ValueError for bad input (as the harness)
     before any work is sent."""
     out_dir = Path(out_dir)
-    specs = list(dict.fromkeys(s.strip() for s in strategies if s.strip()))
-    if not specs:
-        raise ValueError("no strategy given")
-    if concurrency < 1:
-        raise ValueError("concurrency must be >= 1")
-    built = {s: make_strategy(s) for s in specs}  # bad specs fail before any work
-    problems = task.problems(n_problems, seed)
-    if not problems:
-        raise ValueError(f"task {task.name!r} gave no problems")
+    built, problems = check_run(task, strategies, n_problems, seed, concurrency)
+    specs = list(built)
     if not scorer_spec.startswith("rm:"):  # a typo fails here; a reward model loads on actors
         from ttscale.scorers import load_scorer
 
@@ -94,10 +83,7 @@ def run_eval(
 
     numerics = pool.config.numerics()
     settings = run_settings(pool.source, task, params, seed, scorer_spec, search, hygiene, numerics)
-    prepare_out_dir(out_dir, settings, resume)
-    records_path = out_dir / RECORDS_FILE
-    records = load_records(records_path)
-    done = {(r["strategy"], r["problem_id"]) for r in records}
+    records_path, records, done = open_run(out_dir, settings, resume)
     chunks: list[tuple[str, list[Problem]]] = []
     for spec in specs:
         pending = [p for p in problems if (spec, p.id) not in done]
@@ -105,7 +91,7 @@ def run_eval(
         chunks += [(spec, pending[i : i + concurrency]) for i in starts]
 
     task_ref = pool.ray.put(task)  # shipped once, not with every chunk
-    session = time.strftime("%Y-%m-%dT%H:%M:%S")
+    session = session_stamp()
     common = dict(
         params=params, scorer=scorer_spec, search=search, hygiene=hygiene, session=session
     )
