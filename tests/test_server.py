@@ -84,6 +84,13 @@ def tiny_llm(path, **options) -> LLM:
 def serve_in_thread(llm: LLM, **config) -> Iterator[LiveServer]:
     config.setdefault("model_names", model_names(llm.source, MODEL))
     app = create_app(llm, ServerConfig(**config))
+    with serve_app(app) as url:
+        yield LiveServer(url, llm, app.state.engine_loop)
+
+
+@contextmanager
+def serve_app(app) -> Iterator[str]:
+    """Any ASGI app on a free loopback port, in a thread; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -99,7 +106,7 @@ def serve_in_thread(llm: LLM, **config) -> Iterator[LiveServer]:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.01)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", llm, app.state.engine_loop)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)

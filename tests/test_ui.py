@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from tests.conftest import make_tiny_model, tiny_llm
+from tests.test_server import serve_app
 from ttscale.eval.summary import summarize_records
 from ttscale.server.app import create_app
 from ttscale.server.config import ServerConfig
@@ -141,27 +138,6 @@ def runs_dir(tmp_path_factory) -> Path:
 # ---- live servers ----------------------------------------------------------------------------
 
 
-@contextmanager
-def _serve_app(app) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @dataclass
 class Live:
     url: str
@@ -188,7 +164,7 @@ def server(tmp_path_factory, runs_dir) -> Iterator[Live]:
     llm = tiny_llm(path)
     app = create_app(llm, ServerConfig(model_names=("tiny",), max_n=8))
     app.state.ui_runs_dir = runs_dir
-    with _serve_app(app) as url:
+    with serve_app(app) as url:
         yield Live(url, app)
 
 
@@ -416,7 +392,7 @@ def test_runs_page_plots_and_compares(server, page, tmp_path):
 
 
 def test_offline_dashboard_serves_runs_without_a_model(runs_dir, page, tmp_path):
-    with _serve_app(create_offline_app(runs_dir)) as url:
+    with serve_app(create_offline_app(runs_dir)) as url:
         page.goto(url + "/ui#engine")
         page.wait_for_selector("#engine-offline:not([hidden])")
         page.goto(url + "/ui#playground")
@@ -449,7 +425,7 @@ def test_dashboard_with_an_api_key(tmp_path_factory, runs_dir, page):
     make_tiny_model(path, "llama")
     app = create_app(tiny_llm(path), ServerConfig(model_names=("tiny",), api_key="sekrit"))
     app.state.ui_runs_dir = runs_dir
-    with _serve_app(app) as url:
+    with serve_app(app) as url:
         assert httpx.get(url + "/v1/ttscale/engine", timeout=10).status_code == 401
         page.goto(url + "/ui#engine")
         page.wait_for_selector("#key-form", state="visible")
