@@ -9,8 +9,9 @@ features, so the head judges answers, not wording; the vote count of the answer 
 scored candidates (``log count``) is the one feature beyond the hidden states, since how often
 the policy samples an answer is evidence the restatement cannot see.
 
-Measured on the embedded model, `arithmetic`: selection by this probe beats a text probe's
-weighted vote (docs/BENCHMARKS.md, "Does test-time compute buy accuracy?").
+Measured on the embedded model, `arithmetic`: it learned which (question, answer) pairs it had
+seen -- +12 points over majority on questions from its training data, -3 on new ones -- so the
+shipped probe is a text probe (docs/BENCHMARKS.md, "An answer probe memorizes").
 """
 
 from __future__ import annotations
@@ -74,20 +75,6 @@ class AnswerTable:
             for layer in layers
         ]
         return torch.cat([self.feats[:, torch.cat(cols)], self.feats[:, -1:]], 1)
-
-    def accuracy(self, scores: np.ndarray, n_problems: int) -> float:
-        """Share of ``n_problems`` whose top-scored answer is correct (problems without any
-        answer count as wrong)."""
-        right = 0
-        for g in np.unique(self.groups):
-            rows = np.flatnonzero(self.groups == g)
-            right += int(self.labels[rows[int(np.argmax(scores[rows]))]])
-        return right / n_problems
-
-    def majority(self, n_problems: int) -> float:
-        """The same with the vote count as the score (first-seen answer wins ties)."""
-        counts = self.feats[:, -1].numpy().astype(np.float64)
-        return self.accuracy(counts - 1e-9 * np.arange(len(counts)), n_problems)
 
 
 def answer_table(
