@@ -3,6 +3,7 @@ pass@k / maj@k and mean / total cost, computed from the store's records."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,7 +27,8 @@ def k_values(n: int) -> list[int]:
 
 
 def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    # fsum: exactly rounded, so a summary does not depend on the order records arrived in.
+    return math.fsum(values) / len(values) if values else None
 
 
 def cost_keys(records: Iterable[dict[str, Any]]) -> list[str]:
@@ -77,7 +79,7 @@ def strategy_summary(strategy: str, records: Sequence[dict[str, Any]]) -> dict[s
         "mean_peak_kv_blocks": _mean(col("peak_kv_blocks")),
         "max_peak_kv_blocks": max(col("peak_kv_blocks"), default=None),
         "mean_wall_time": _mean(col("amortized_time")),
-        "total_wall_time": sum(col("amortized_time")),
+        "total_wall_time": math.fsum(col("amortized_time")),
         "mean_session_time": _mean(col("wall_time")),
         # Runs that measured these times (a resumed folder has several; records written
         # before sessions were recorded count as one): times of different runs were taken
@@ -87,24 +89,26 @@ def strategy_summary(strategy: str, records: Sequence[dict[str, Any]]) -> dict[s
     for key in cost_keys(records):
         values = col(key)
         out[f"mean_{key}"] = _mean(values)
-        out[f"total_{key}"] = sum(values)
+        out[f"total_{key}"] = math.fsum(values)
 
     k_max = min((len(r["candidates"]) for r in records), default=0)
     if k_max >= 2:
         ks = k_values(k_max)
         out["k_max"] = k_max
-        out["pass_at_k"] = {str(k): 0.0 for k in ks}
-        out["maj_at_k"] = {str(k): 0.0 for k in ks}
+        per_problem_pass: dict[int, list[float]] = {k: [] for k in ks}
+        per_problem_maj: dict[int, list[float]] = {k: [] for k in ks}
         for r in records:
             cands = r["candidates"][:k_max]  # the same N for every problem
             right = {c["answer"] for c in cands if c["correct"]}
             answers = [c["answer"] for c in cands]
             n_right = sum(bool(c["correct"]) for c in cands)
             for k in ks:
-                out["pass_at_k"][str(k)] += pass_at_k(k_max, n_right, k) / n
-                out["maj_at_k"][str(k)] += (
-                    maj_at_k(answers, right.__contains__, k, num_samples=MAJ_SAMPLES) / n
+                per_problem_pass[k].append(pass_at_k(k_max, n_right, k))
+                per_problem_maj[k].append(
+                    maj_at_k(answers, right.__contains__, k, num_samples=MAJ_SAMPLES)
                 )
+        out["pass_at_k"] = {str(k): math.fsum(v) / n for k, v in per_problem_pass.items()}
+        out["maj_at_k"] = {str(k): math.fsum(v) / n for k, v in per_problem_maj.items()}
     return out
 
 
