@@ -43,7 +43,7 @@ WideOpt = Annotated[
     bool, typer.Option("--wide", help="every table column (the default fits 100 columns)")
 ]
 # Scorer names that need no file; probe:PATH and rm:PATH need theirs (scorers.SCORER_SPECS).
-SCORER_NAMES = ("logprob", "judge", "probe")
+SCORER_NAMES = ("logprob", "likelihood", "judge", "probe")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout (the rest: stderr)")]
 HygieneOpt = Annotated[
     bool,

@@ -1,4 +1,4 @@
-"""Scorers (verifiers) by name: logprob, judge, oracle, or a reward-model folder path."""
+"""Scorers (verifiers) by name: logprob, likelihood, judge, probe, or a reward-model folder."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ from pathlib import Path
 from ttscale.scorers.base import AGGREGATIONS, ScoreContext, Scorer, aggregate, path_scores
 from ttscale.scorers.confidence import MeanLogprobScorer
 from ttscale.scorers.judge import JudgeScorer
+from ttscale.scorers.likelihood import AnswerLikelihoodScorer
 from ttscale.scorers.oracle import OracleScorer
 
-SCORER_SPECS = ("logprob", "judge", "probe", "probe:PATH", "rm:PATH")
+SCORER_SPECS = ("logprob", "likelihood", "judge", "probe", "probe:PATH", "rm:PATH")
 
 
 def load_scorer(spec: str, model_source: str | Path | None = None) -> Scorer:
-    """`logprob` | `judge` | `probe` (the probe shipped for the embedded model) |
+    """`logprob` | `likelihood` (the policy's P(answer | bare question)) | `judge` |
+    `probe` (the probe shipped for the embedded model) |
     `probe:PATH` (a probe folder from `ttscale train-verifier`) | `rm:PATH` (a local reward
     model). With `model_source` (`LLM.source`), a probe made for another model is refused."""
     if spec == "logprob":
         return MeanLogprobScorer()
+    if spec == "likelihood":
+        return AnswerLikelihoodScorer()
     if spec == "judge":
         return JudgeScorer()
     if spec == "probe" or spec.startswith("probe:"):
@@ -34,6 +38,7 @@ def load_scorer(spec: str, model_source: str | Path | None = None) -> Scorer:
 __all__ = [
     "AGGREGATIONS",
     "SCORER_SPECS",
+    "AnswerLikelihoodScorer",
     "JudgeScorer",
     "MeanLogprobScorer",
     "OracleScorer",

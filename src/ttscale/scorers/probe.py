@@ -10,14 +10,18 @@ strategy that did not ask) is embedded over the cached prefix instead: correct, 
 Scores are probabilities (sigmoid of the head's logit), so they can weight votes. On a partial
 path (beam / tree search) a text probe reads the path so far: a process score.
 
-An answer probe (`verifier.answers`, `probe:PATH` of a `train-verifier --input answer` folder)
-judges finished candidates by their extracted answer: one restatement per distinct answer over
-the prompt's cached KV (a few tokens each), plus the answer's vote count among the candidates
-scored together; branches with the same answer get the same score. Partial paths have no
-answer yet: `ProbeScorer(answer_probe, partial=text_probe)` hands them to a text probe, and
-without one a search over partial paths is refused before it samples. The shipped probe is a
-text probe: on questions outside its training data the answer probe did worse than a plain
-vote (docs/BENCHMARKS.md, "An answer probe memorizes").
+An answer-level probe judges finished candidates by their extracted answer, so branches with
+the same answer get the same score: a likelihood probe (`train-verifier --input likelihood`)
+reads the policy's log-likelihood of the answer after the bare question
+(`scorers.likelihood`) through a logistic head; an answer probe
+(`--input answer`) reads hidden states over a restatement of the answer after the prompt.
+Partial paths have no answer yet: `ProbeScorer(answer_level, partial=text_probe)` hands them to
+a text probe (a card's `partial_probe` names one in a sibling folder), and without one a search
+over partial paths is refused before it samples.
+
+The shipped probe is a likelihood probe paired with a text probe. On 133 held-out questions it
+picks a right answer 31.6% of the time against the vote's 23.3% (11 wins, 0 losses); the
+answer probe memorized questions and did worse than a vote on new ones (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,14 +33,19 @@ import torch
 
 from ttscale.errors import ProbeError
 from ttscale.scorers.base import ScoreContext
+from ttscale.scorers.likelihood import answer_likelihoods
 from ttscale.tts.session import Branch, Wait
 from ttscale.verifier.answers import restatement
 from ttscale.verifier.features import answer_start
 from ttscale.verifier.probe import Probe
 
-# The probe shipped for the embedded model (see its card.json for the command that trained it).
+# The probe shipped for the embedded model (see its card.json for the command that trained it):
+# a likelihood probe for finished answers, whose card names the text probe for partial paths.
 SHIPPED_PROBE = (
-    Path(__file__).resolve().parent.parent / "verifier" / "shipped" / "smollm2-arithmetic"
+    Path(__file__).resolve().parent.parent
+    / "verifier"
+    / "shipped"
+    / "smollm2-arithmetic-likelihood"
 )
 
 
@@ -78,7 +87,11 @@ class ProbeScorer:
                 f"no shipped probe at {folder}; train one with `ttscale train-verifier` and "
                 "pass --scorer probe:PATH"
             )
-        return cls(Probe.load(folder, model_source))
+        probe = Probe.load(folder, model_source)
+        partial = probe.card.get("partial_probe")  # a sibling folder: the text probe
+        if partial is None:
+            return cls(probe)
+        return cls(probe, Probe.load(folder.parent / str(partial), model_source))
 
     def score(
         self, ctx: ScoreContext, branches: Sequence[Branch]
@@ -106,6 +119,12 @@ class ProbeScorer:
         self, ctx: ScoreContext, branches: Sequence[Branch]
     ) -> Generator[Wait, None, list[float]]:
         """P(correct) of each branch's answer; 0 for a branch without one."""
+        if self.probe.features.input == "likelihood":
+            lik = yield from answer_likelihoods(ctx, branches, self.probe.features.template)
+            distinct = list(lik.count)
+            logits = self.probe.score_likelihoods([lik.loglik[a] for a in distinct])
+            prob = dict(zip(distinct, torch.tensor(logits).sigmoid().tolist(), strict=True))
+            return [0.0 if a is None else prob[a] for a in lik.answers]
         if ctx.extract is None:
             raise ProbeError("an answer probe needs the task's answer extractor")
         session = ctx.session

@@ -69,7 +69,7 @@ async def run_strategy_request(
     scorer = None
     if strategy.needs_scorer:
         spec = extras.get("scorer", "logprob")
-        if spec not in ("logprob", "judge", "probe"):  # no arbitrary files from requests
+        if spec not in ("logprob", "likelihood", "judge", "probe"):  # no files from requests
             raise APIError(400, "ttscale.scorer must be logprob, judge or probe", "ttscale.scorer")
         try:
             scorer = load_scorer(spec, app.state.llm.source)

@@ -42,7 +42,7 @@ class PlaygroundRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1, max_length=8000)
     strategy: str = Field("majority@8", min_length=1)
-    scorer: Literal["logprob", "judge", "probe"] = "logprob"
+    scorer: Literal["logprob", "likelihood", "judge", "probe"] = "logprob"
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)

@@ -112,6 +112,10 @@ def search_answer_probe(
     def rank(t: AnswerTrial) -> tuple[float, float]:
         return (-t.top1, -t.within_auroc)
 
+    if not table.layers:  # a likelihood table: two numbers, a logistic head
+        for loss in ("bce", "listwise"):
+            run((), "logreg", loss)
+        return sorted(trials, key=rank)
     for layer in table.layers:
         for head, loss in HEAD_TRIALS:
             run((layer,), head, loss)

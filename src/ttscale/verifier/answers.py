@@ -68,7 +68,10 @@ class AnswerTable:
     hidden_size: int
 
     def matrix(self, layers: Sequence[int]) -> torch.Tensor:
-        """The columns of ``layers`` (a subset of the table's) plus the count column."""
+        """The columns of ``layers`` (a subset of the table's) plus the count column; for a
+        table without hidden states (a likelihood table), every column but the count."""
+        if not self.layers:
+            return self.feats[:, :-1]
         h = self.hidden_size
         cols = [
             torch.arange(self.layers.index(layer) * h, (self.layers.index(layer) + 1) * h)

@@ -55,8 +55,9 @@ def train_verifier(
         str,
         typer.Option(
             "--input",
-            help="what the head reads: each candidate's text (also partial paths, for search) "
-            "or each distinct answer restated (finished candidates; stronger, cheaper)",
+            help="what the head reads: text (each candidate's tokens; partial paths too, for "
+            "search), answer (each distinct answer restated) or likelihood (each distinct "
+            "answer's log-likelihood after the bare question, and its vote count)",
         ),
     ] = "text",
     json_out: Annotated[bool, typer.Option("--json", help="print the card's metrics as JSON")] = (
@@ -112,7 +113,7 @@ def train_verifier(
     if json_out:
         print(json.dumps(card["metrics"], indent=2))
         return
-    if run.input == "answer":
+    if run.input != "text":
         err.print(
             f"held-out {test['n_problems']} problems: "
             + ", ".join(

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ttscale.scorers.likelihood import ANSWER_TEMPLATE
 from ttscale.verifier.answer_fit import fit_and_test_answers, search_answer_probe
 from ttscale.verifier.answers import RESTATE_TEMPLATE, answer_table
 from ttscale.verifier.data import (
@@ -30,6 +31,7 @@ from ttscale.verifier.data import (
 )
 from ttscale.verifier.features import POOLINGS, extract_features
 from ttscale.verifier.fit import FeatureTable, fit_and_test, search
+from ttscale.verifier.likelihood import LIKELIHOOD_FEATURES, likelihood_table
 from ttscale.verifier.probe import CARD_VERSION, INPUTS, FeatureSpec, Probe, model_hash
 from ttscale.verifier.train import TrainConfig
 
@@ -59,7 +61,8 @@ class VerifierRun:
     seed: int = 0
     data_dir: Path = DATA_DIR
     # "text": the head reads each candidate's own tokens; "answer": each distinct answer,
-    # restated (verifier.answers) -- no text features to extract, so much cheaper.
+    # restated (verifier.answers); "likelihood": each distinct answer's log-likelihood after
+    # the bare question (verifier.likelihood). The last two extract no text features.
     input: str = "text"
 
     def __post_init__(self) -> None:
@@ -164,7 +167,7 @@ def train_verifier(
         log(f"{split}: {n} problems x {run.samples} samples ({time.perf_counter() - t0:.0f} s)")
         splits[split] = (items, path)
     unseen = _unseen_test_problems(splits, log)
-    if run.input == "answer":
+    if run.input in ("answer", "likelihood"):
         splits["test"] = ([splits["test"][0][i] for i in unseen], splits["test"][1])
         return _train_answer_probe(llm, task, run, splits, layers, base, log, t_start)
     tables = {
@@ -266,7 +269,7 @@ def _keep_problems(table: FeatureTable, keep: Sequence[int]) -> FeatureTable:
 
 
 def _card_data(run: VerifierRun, n_train_rows: int, n_test_rows: int) -> dict[str, Any]:
-    rows = "n_answers" if run.input == "answer" else "n_candidates"
+    rows = "n_candidates" if run.input == "text" else "n_answers"
     return {
         "sampling": {
             "temperature": run.temperature,
@@ -309,11 +312,17 @@ def _train_answer_probe(
     log: Callable[[str], None],
     t_start: float,
 ) -> tuple[Probe, dict[str, Any]]:
-    """Answer features of both splits, the search on training problems, one test."""
+    """Answer features of both splits (restatements' hidden states, or likelihoods), the
+    search on training problems, one test."""
+    likelihood = run.input == "likelihood"
+    template = ANSWER_TEMPLATE if likelihood else RESTATE_TEMPLATE
     tables = {}
     for split, (items, _) in splits.items():
         t0 = time.perf_counter()
-        tables[split] = answer_table(llm, items, layers, RESTATE_TEMPLATE, log)
+        if likelihood:
+            tables[split] = likelihood_table(llm, items, template, log)
+        else:
+            tables[split] = answer_table(llm, items, layers, template, log)
         log(f"{split}: answer features in {time.perf_counter() - t0:.0f} s")
     log("search (grouped cross-validation on training problems, top-1 answer accuracy):")
     questions = [it.question for it in splits["train"][0]]
@@ -332,15 +341,17 @@ def _train_answer_probe(
         tables["train"], tables["test"], n_test, best.layers, best.config
     )
     log(f"test: {report}")
-    spec = FeatureSpec("mean", best.layers, "answer", RESTATE_TEMPLATE)
+    # A likelihood probe reads the LM head's output: the final norm's states.
+    spec_layers = (llm.config.num_hidden_layers,) if likelihood else best.layers
+    spec = FeatureSpec("mean", spec_layers, run.input, template)
     card = {
-        **_card_header(llm, task, "answer probe"),
+        **_card_header(llm, task, f"{run.input} probe"),
         "features": {
-            "input": "answer",
-            "template": RESTATE_TEMPLATE,
+            "input": run.input,
+            "template": template,
             "pooling": "mean",
-            "layers": list(best.layers),
-            "extra": ["log vote count"],
+            "layers": list(spec_layers),
+            "extra": list(LIKELIHOOD_FEATURES) if likelihood else ["log vote count"],
         },
         "head": _card_head(best.config, int(tables["train"].matrix(best.layers).shape[1])),
         "data": _card_data(run, len(tables["train"].labels), len(tables["test"].labels)),

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from ttscale.errors import ProbeError
 from ttscale.verifier.answers import RESTATE_TEMPLATE, answer_row
 from ttscale.verifier.features import POOLINGS, answer_start, pool
+from ttscale.verifier.likelihood import likelihood_row
 from ttscale.verifier.train import ProbeHead
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def model_hash(source: str | Path) -> str:
     return digest.hexdigest()
 
 
-INPUTS = ("text", "answer")
+INPUTS = ("text", "answer", "likelihood")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ class FeatureSpec:
     """Which pooled rows feed the head, concatenated in this order. ``input``: ``text`` reads
     the candidate's own tokens (any partial path too); ``answer`` reads the restatement
     ``template`` of its extracted answer, mean pooled, plus the answer's log vote count
-    (:mod:`ttscale.verifier.answers`): finished candidates only."""
+    (:mod:`ttscale.verifier.answers`): finished candidates only; ``likelihood`` reads the
+    policy's log-likelihood of each distinct answer after the bare question, ``template`` being
+    what follows the question (:mod:`ttscale.scorers.likelihood`): one number, through a
+    logistic head that calibrates it into P(correct)."""
 
     pooling: str
     layers: tuple[int, ...]
@@ -83,8 +87,8 @@ class FeatureSpec:
             raise ProbeError("a probe needs at least one layer")
         if self.input not in INPUTS:
             raise ProbeError(f"probe input must be one of {INPUTS}, not {self.input!r}")
-        if self.input == "answer" and (self.pooling != "mean" or "{answer}" not in self.template):
-            raise ProbeError("an answer probe mean-pools a template that contains {answer}")
+        if self.input != "text" and (self.pooling != "mean" or "{answer}" not in self.template):
+            raise ProbeError(f"an {self.input} probe reads a template that contains {{answer}}")
 
 
 class Probe:
@@ -113,6 +117,13 @@ class Probe:
         """Logits of distinct answers given the hidden states over their restatements
         ``(T, len(layers), H)`` and their vote counts (an answer probe)."""
         rows = [answer_row(h, c) for h, c in zip(hidden, counts, strict=True)]
+        with torch.no_grad():
+            return self.head(torch.stack(rows)).tolist()
+
+    def score_likelihoods(self, logliks: Sequence[float]) -> list[float]:
+        """Logits of distinct answers given their log-likelihoods after the bare question (a
+        likelihood probe)."""
+        rows = [likelihood_row(ll) for ll in logliks]
         with torch.no_grad():
             return self.head(torch.stack(rows)).tolist()
 

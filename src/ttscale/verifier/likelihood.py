@@ -1,0 +1,66 @@
+"""Likelihood-probe features: per distinct answer, the policy's log-likelihood of it after the
+bare question (:mod:`ttscale.scorers.likelihood`).
+
+One number per answer, not a hidden state: a head this small cannot learn which (question,
+answer) pairs it saw, the failure of the answer probe (:mod:`ttscale.verifier.answers`). What it
+learns is calibration -- how the likelihood turns into P(correct) -- so that its scores sit on
+the same scale as a text probe's on partial paths. The vote count is left out on purpose: a
+weighted vote already sums one score per candidate, so a score that counted votes would count
+them twice (on 24 problems that made the weighted vote a plain majority vote again).
+
+The table keeps the answer's log vote count as its last column, because the majority baseline
+of :mod:`ttscale.verifier.answer_fit` reads it there; the head does not see it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ttscale.scorers.likelihood import ANSWER_TEMPLATE, answer_tokens, sum_logprob
+from ttscale.verifier.answers import AnswerTable, answer_groups
+
+if TYPE_CHECKING:
+    from ttscale.llm import LLM
+    from ttscale.verifier.data import ProblemSamples
+
+LIKELIHOOD_FEATURES = ("log-likelihood of the answer after the bare question",)
+
+
+def likelihood_row(loglik: float) -> torch.Tensor:
+    return torch.tensor([loglik], dtype=torch.float32)
+
+
+def likelihood_table(
+    llm: LLM,
+    items: Sequence[ProblemSamples],
+    template: str = ANSWER_TEMPLATE,
+    log: Callable[[str], None] = print,
+) -> AnswerTable:
+    """Features of every distinct answer of every problem (as candidate hygiene groups them):
+    one engine call per problem, its answers sharing the question's cached blocks."""
+    final = llm.config.num_hidden_layers
+
+    def encode(text: str, special: bool) -> list[int]:
+        return llm.tokenizer.encode(text, add_special_tokens=special)
+
+    rows, labels, groups = [], [], []
+    for j, item in enumerate(items):
+        by_answer = answer_groups(item)
+        if not by_answer:
+            continue
+        pairs = [answer_tokens(encode, item.question, a, template) for a in by_answer]
+        prefix = pairs[0][0]
+        hidden = llm.hidden_states([prefix + c for _, c in pairs], [final], len(prefix) - 1)
+        for (_, members), (_, cont), h in zip(by_answer.items(), pairs, hidden, strict=True):
+            loglik = sum_logprob(llm.engine.model, h, cont)
+            rows.append(torch.tensor([loglik, math.log(len(members))], dtype=torch.float32))
+            labels.append(bool(item.candidates[members[0]].correct))
+            groups.append(j)
+        if (j + 1) % 100 == 0:
+            log(f"answer likelihoods of {j + 1}/{len(items)} problems")
+    return AnswerTable(torch.stack(rows), np.array(labels), np.array(groups), (), 0)
