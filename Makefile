@@ -33,9 +33,10 @@ chromium:
 		echo "      tests/test_ui.py will fail; install the OS package chromium"; \
 	fi
 
-# The main job: greedy, self-consistency and the probe verifier's weighted vote side by side on
-# 24 arithmetic problems with the embedded model (~1 min on 2 cores): accuracy, tokens, KV,
-# time, cost; plot in runs/demo. The probe ships in the package (verifier/shipped/).
+# The main job: greedy, self-consistency and the verifier's weighted vote side by side on 24
+# arithmetic problems with the embedded model (~1 min on 2 cores): accuracy, tokens, KV, time,
+# cost; plot in runs/demo. The verifier (`probe`: the policy's own likelihood of each answer
+# after the bare question, calibrated) ships in the package (verifier/shipped/).
 demo: $(STAMP)
 	$(BIN)/ttscale eval --task arithmetic --n-problems 24 \
 		--strategies greedy,majority@16,weighted@16 --scorer probe \
