@@ -142,6 +142,9 @@ def test_a_likelihood_probe_calibrates_likelihood_and_votes(llm, hf_and_dir, tmp
     session, branches = sample(llm)
     ctx = ScoreContext(QUESTION, session, _last_char)
     got = drive(llm.engine, [scorer.score(ctx, branches)])[0]
+    # Finished branches none of which has an answer: all score 0 (no head over no rows).
+    no_answers = ScoreContext(QUESTION, session, lambda text: None, lambda b: True)
+    assert drive(llm.engine, [scorer.score(no_answers, branches)])[0] == [0.0] * len(branches)
     session.close()
     answers = [_last_char(b.text) for b in branches]
     for a, s in zip(answers, got, strict=True):

@@ -123,6 +123,8 @@ class Probe:
     def score_likelihoods(self, logliks: Sequence[float]) -> list[float]:
         """Logits of distinct answers given their log-likelihoods after the bare question (a
         likelihood probe)."""
+        if not logliks:  # every branch scored together lacked an answer
+            return []
         rows = [likelihood_row(ll) for ll in logliks]
         with torch.no_grad():
             return self.head(torch.stack(rows)).tolist()
