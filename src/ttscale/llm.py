@@ -17,6 +17,7 @@ from ttscale.engine.outputs import RequestOutput
 from ttscale.engine.proposers import check_speculative, make_proposer
 from ttscale.engine.scheduler import SchedulerConfig
 from ttscale.kvcache import CacheConfig
+from ttscale.loader.memory import release_free_memory
 from ttscale.models.compiled import CompileConfig
 from ttscale.models.config import ModelConfig
 from ttscale.models.quant import load_for_compute
@@ -104,10 +105,11 @@ class LLM:
         t0 = time.perf_counter()
         checkpoint = load_for_compute(model, _DTYPES[dtype], quantize, device)
         self.config = ModelConfig.from_hf(checkpoint.config)
-        network = build_model(self.config, checkpoint.tensors, _DTYPES[dtype], device)
+        network = build_model(self.config, checkpoint.tensors, _DTYPES[dtype], device, consume=True)
         self.load_seconds = time.perf_counter() - t0
         self.source = checkpoint.source
         self.tokenizer = checkpoint.tokenizer
+        del checkpoint  # emptied by build_model(consume=True); the model holds its weights
         self.tokenizer.eos_token_ids |= frozenset(self.config.eos_token_ids)
         if speculative is not None:
             options = dict(dtype=_DTYPES[dtype], quantize=quantize, device=device, compile=compile)
@@ -132,6 +134,7 @@ class LLM:
             compile_config=CompileConfig(enabled=compile),
         )
         self._ids = itertools.count()
+        release_free_memory()  # loading's freed temporaries (see loader/memory.py)
 
     def generate(
         self,

@@ -206,7 +206,7 @@ def load_draft(
             f"draft model {checkpoint.source} has {config.vocab_size} logits, the target "
             f"{target.config.vocab_size}: speculation needs the same vocabulary"
         )
-    return build_model(config, checkpoint.tensors, dtype, device)
+    return build_model(config, checkpoint.tensors, dtype, device, consume=True)
 
 
 def speculation_stats(stats: dict[str, float]) -> dict[str, float]:

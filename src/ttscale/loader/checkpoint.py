@@ -10,6 +10,10 @@ import torch
 
 from ttscale.tokenizer import Tokenizer
 
+# Values per slice when a quantized weight is turned into floats piece by piece (a 4 MiB
+# float32 temporary): loading then peaks near the final size, not at a float32 copy more.
+DEQUANTIZE_CHUNK = 1 << 20
+
 
 @dataclass(frozen=True)
 class GroupQuantized:
@@ -36,14 +40,29 @@ class GroupQuantized:
         return self.codes.shape
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The values in `dtype`, computed in float32. Another dtype is filled in slices of
+        rows, so a large weight (a vocabulary's head) never has a whole float32 copy beside
+        the result: the same operations per element, so the same values."""
         n, k = self.codes.shape
-        groups = self.codes.view(n, k // self.group_size, self.group_size).float()
+        if dtype == torch.float32:
+            return self._dequantize_rows(slice(None))
+        out = torch.empty(n, k, dtype=dtype, device=self.codes.device)
+        step = max(1, DEQUANTIZE_CHUNK // max(k, 1))
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            out[rows] = self._dequantize_rows(rows)
+        return out
+
+    def _dequantize_rows(self, rows: slice) -> torch.Tensor:
+        codes = self.codes[rows]
+        n, k = codes.shape
+        groups = codes.reshape(n, k // self.group_size, self.group_size).float()
         if self.zero_point:
             groups = groups.sub_(self.zero_point)
-        w = groups.mul_(self.scales.unsqueeze(-1))
+        w = groups.mul_(self.scales[rows].unsqueeze(-1))
         if self.offsets is not None:
-            w = w.add_(self.offsets.unsqueeze(-1))
-        return w.view(n, k).to(dtype)
+            w = w.add_(self.offsets[rows].unsqueeze(-1))
+        return w.view(n, k)
 
     def rows(self, index: torch.Tensor | slice) -> GroupQuantized:
         """The same weight restricted to some rows (a permutation, a slice)."""

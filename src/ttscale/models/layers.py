@@ -60,7 +60,10 @@ class Linear(nn.Module):
 
     def pack(self) -> None:
         """Switches to the fast layout for the weight's device (call after moving the model).
-        The original is released unless something else, such as a tied embedding, holds it."""
+        The original is released unless something else, such as a tied embedding, holds it.
+        A Linear already packed is left as it is."""
+        if self.qweight is not None or self.packed is not None or self.weight_t is not None:
+            return
         if self.quantized is not None:
             self.qweight, self.quantized = pack_quantized(self.quantized), None
             self.register_parameter("weight", None)  # a tied head drops its float alias
@@ -93,6 +96,34 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class QuantizedEmbedding(nn.Module):
+    """An embedding table kept in its quantized form (a GGUF's own blocks): a lookup
+    dequantizes only the rows it reads, with `GroupQuantized.dequantize`'s arithmetic, so
+    it returns exactly what `nn.Embedding` over the dequantized table would. For the
+    embedded model that is 30 MiB of codes and scales instead of a 108 MiB float32 table."""
+
+    def __init__(self, weight: GroupQuantized, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = dtype
+        self.zero_point, self.group_size = weight.zero_point, weight.group_size
+        # Buffers, so `.to(device)` moves them; not persistent: checkpoints keep HF layout.
+        self.register_buffer("codes", weight.codes, persistent=False)
+        self.register_buffer("scales", weight.scales, persistent=False)
+        self.register_buffer("offsets", weight.offsets, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # GroupQuantized.dequantize's operations, in its order, on the rows read only.
+        ids = input_ids.reshape(-1)
+        groups = self.codes[ids].view(ids.shape[0], -1, self.group_size).float()
+        if self.zero_point:
+            groups = groups.sub_(self.zero_point)
+        rows = groups.mul_(self.scales[ids].unsqueeze(-1))
+        if self.offsets is not None:
+            rows = rows.add_(self.offsets[ids].unsqueeze(-1))
+        return rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w, computed in fp32 like transformers (then cast back)."""
 
@@ -109,8 +140,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies of RoPE (Su et al. 2021), with Llama-3 / linear context scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies of RoPE (Su et al. 2021), with Llama-3 / linear context scaling.
+    Computed on the CPU whatever the default device: under build_model's meta device the
+    arithmetic would go through torch._refs, which imports torch._dynamo (~150 MiB)."""
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (theta ** (steps.float() / head_dim))
     if scaling is None:
         return inv_freq
     kind = scaling["rope_type"]

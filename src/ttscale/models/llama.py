@@ -22,9 +22,13 @@ from ttscale.attention.base import AttentionContext
 from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.errors import ModelLoadError
 from ttscale.loader.checkpoint import GroupQuantized
+from ttscale.loader.memory import release_free_memory
 from ttscale.models.config import ModelConfig
-from ttscale.models.layers import Linear, RMSNorm, RotaryEmbedding
+from ttscale.models.layers import Linear, QuantizedEmbedding, RMSNorm, RotaryEmbedding
 from ttscale.models.quant import cat_rows
+
+# Weights packed between two hand-backs of freed heap memory while streaming a load.
+_TRIM_EVERY = 4_000_000
 
 
 class HiddenCapture:
@@ -122,7 +126,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # `_weight` skips nn.Embedding's random init, which on the meta device goes through
+        # torch._refs and imports torch._dynamo (and triton): ~150 MiB resident for nothing.
+        self.embed_tokens: nn.Embedding | QuantizedEmbedding = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.attention_specs = [self.attention_spec(i) for i in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in self.attention_specs)
@@ -180,19 +190,29 @@ class LlamaForCausalLM(nn.Module):
         "mlp.up_proj": ("mlp.gate_up_proj", 1),
     }
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def load_weights(
+        self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, *, stream: bool = False
+    ) -> None:
         """Loads a state dict with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
 
         Every parameter must be provided with the shape the config implies; anything missing,
         unexpected or mis-shaped raises `ModelLoadError` naming the tensor. Parameters are
         replaced, not copied into, so a model built on the meta device loads without a
         throw-away random init.
+
+        With `stream` (CPU; the caller gives `tensors` up), entries are taken out of `tensors`
+        as they load and each matmul weight is packed (`Linear.pack`) as soon as it is
+        complete, so loading holds one weight's conversion at a time, not the checkpoint, its
+        fused copies and the packed model all at once (docs/PERF_RSS.md).
         """
         self._dtype = dtype
+        self._packed_since_trim = 0
         params = dict(self.named_parameters(remove_duplicate=False))
         shards: dict[str, list[torch.Tensor | None]] = {}
         seen: set[str] = set()
-        for name, tensor in tensors.items():
+        embed = tensors.get("model.embed_tokens.weight")
+        for name in list(tensors):
+            tensor = tensors.pop(name) if stream else tensors[name]
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a cached buffer some old checkpoints saved; we recompute it
             ours = name.removeprefix("model.")
@@ -201,10 +221,15 @@ class LlamaForCausalLM(nn.Module):
             for theirs, (fused, index) in self._FUSED.items():
                 if f".{theirs}." in f".{ours}":
                     ours = ours.replace(theirs, fused)
-                    shards.setdefault(ours, [None] * (3 if "qkv" in fused else 2))[index] = tensor
+                    parts = shards.setdefault(ours, [None] * (3 if "qkv" in fused else 2))
+                    parts[index] = tensor
+                    if stream and all(p is not None for p in parts):
+                        del shards[ours]
+                        self._assign(params, ours, cat_rows(parts), source=ours, pack=True)
+                        seen.add(ours)
                     break
             else:
-                self._assign(params, ours, tensor, source=name)
+                self._assign(params, ours, tensor, source=name, pack=stream)
                 seen.add(ours)
         for ours, parts in shards.items():
             if any(p is None for p in parts):
@@ -219,7 +244,6 @@ class LlamaForCausalLM(nn.Module):
                 f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}"
             )
         if self.config.tie_word_embeddings:
-            embed = tensors.get("model.embed_tokens.weight")
             if isinstance(embed, GroupQuantized):  # the head computes with the file's codes
                 self.lm_head.load_quantized(embed)
             else:
@@ -237,8 +261,14 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
 
     def _assign(
-        self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, source: str
+        self,
+        params: dict[str, nn.Parameter],
+        name: str,
+        tensor: torch.Tensor,
+        source: str,
+        pack: bool = False,
     ) -> None:
+        """Puts `tensor` in parameter `name`; with `pack`, a Linear's weight is packed at once."""
         param = params.get(name)
         if param is None:
             raise ModelLoadError(
@@ -252,12 +282,25 @@ class LlamaForCausalLM(nn.Module):
             )
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
-        if isinstance(tensor, GroupQuantized):
-            if isinstance(module, Linear):
-                module.load_quantized(tensor)
-                return
-            tensor = tensor.dequantize()  # a tied embedding's lookup needs the values
-        module._parameters[attr] = nn.Parameter(tensor.to(self._dtype), requires_grad=False)
+        if isinstance(tensor, GroupQuantized) and isinstance(module, nn.Embedding):
+            # A tied embedding: the lookup dequantizes the rows it reads (same values).
+            self.set_submodule(module_name, QuantizedEmbedding(tensor, self._dtype))
+            return
+        if isinstance(tensor, GroupQuantized) and isinstance(module, Linear):
+            module.load_quantized(tensor)
+        else:
+            if isinstance(tensor, GroupQuantized):
+                tensor = tensor.dequantize()
+            module._parameters[attr] = nn.Parameter(tensor.to(self._dtype), requires_grad=False)
+        if pack and isinstance(module, Linear) and attr == "weight":
+            module.pack()
+            # Loading's freed temporaries sit in the C heap between live weights: handed
+            # back every few million weights, the peak stays near the final size (at the
+            # embedded model, about every layer: -80 MiB of peak for ~0.1 s of load time).
+            self._packed_since_trim += module.in_features * module.out_features
+            if self._packed_since_trim >= _TRIM_EVERY:
+                release_free_memory()
+                self._packed_since_trim = 0
 
 
 class LayerSkipDraft(nn.Module):

@@ -34,7 +34,7 @@ import torch
 
 from ttscale.errors import ModelLoadError
 from ttscale.loader import load_checkpoint
-from ttscale.loader.checkpoint import Checkpoint, GroupQuantized
+from ttscale.loader.checkpoint import DEQUANTIZE_CHUNK, Checkpoint, GroupQuantized
 
 QUANTIZE_MODES = ("int8", "int4")
 # Steps with more rows than this run on a bf16 copy of the weight through oneDNN's GEMM (see
@@ -43,6 +43,7 @@ GEMV_ROWS = 8
 INT4_GROUP = 32  # group size of quantize="int4" (as GGUF's Q4_1)
 _INT4_GROUPS = (32, 64)  # group sizes the int4 path takes as they are
 _INT4_ROWS = 16  # the int4 kernel's N granularity
+_INT4_PACK_ROWS = 64  # rows the int4 packing interleaves together (its BLOCK_N)
 _COMPUTE_DTYPE = torch.bfloat16  # the kernels' vectorized activation type
 
 
@@ -120,13 +121,12 @@ class Int4Weight(_WithDense):
         zeros = weight.scales * (8 - weight.zero_point)
         if weight.offsets is not None:
             zeros = zeros + weight.offsets
-        codes, scales = weight.codes.int(), weight.scales
+        codes, scales = weight.codes, weight.scales
         pad = -self.out_features % _INT4_ROWS
         if pad:  # the kernel takes N in multiples of 16 (a vocabulary may not be): zero rows
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
             scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
-        # (N, K) int32 codes -> (N, K / 2) uint8, the kernel's interleaving.
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        self.packed = _int4_pack(codes)
         self.scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(_COMPUTE_DTYPE)
         self.scales_zeros = self.scales_zeros.contiguous()  # (K / g, N, 2)
 
@@ -141,16 +141,44 @@ class Int4Weight(_WithDense):
         return out.to(x.dtype, memory_format=torch.contiguous_format)
 
 
+def _int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes -> (N, K / 2) uint8 in the int4 kernel's interleaving. The kernel
+    takes int32 codes (4 bytes a value) and packs rows in blocks of _INT4_PACK_ROWS, so a
+    large weight is packed in slices of whole blocks (tests/test_load_memory.py checks that this
+    equals packing it at once)."""
+    step = max(_INT4_PACK_ROWS, DEQUANTIZE_CHUNK // max(codes.shape[1], 1))
+    step -= step % _INT4_PACK_ROWS
+    packed: torch.Tensor | None = None
+    for start in range(0, codes.shape[0], step):
+        part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes[start : start + step].int(), 2
+        )
+        if packed is None:
+            packed = part.new_empty(codes.shape[0], *part.shape[1:])
+        packed[start : start + len(part)] = part
+    assert packed is not None
+    return packed
+
+
 class Int8Weight(_WithDense):
     """A (N, K) weight as int8 codes with one scale per row (symmetric, absmax / 127)."""
 
     def __init__(self, weight: GroupQuantized, dense: bool = True) -> None:
         self._keep_dense(weight, dense)
-        w = weight.dequantize(torch.float32)
-        scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        n, k = weight.shape
+        # Requantized in slices of rows (each row is independent): a vocabulary-sized head
+        # would otherwise hold several float32 copies of itself at once while loading.
+        self.codes = torch.empty(n, k, dtype=torch.int8)
+        scales = torch.empty(n, dtype=torch.float32)
+        step = max(1, DEQUANTIZE_CHUNK // max(k, 1))
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            w = weight.rows(rows).dequantize(torch.float32)
+            s = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            self.codes[rows] = torch.round(w.div_(s[:, None])).clamp_(-127, 127)
+            scales[rows] = s
         self.scales = scales.to(_COMPUTE_DTYPE)
-        self.out_features = weight.shape[0]
+        self.out_features = n
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         if (out := self._dense_mm(x)) is not None:

@@ -77,10 +77,17 @@ def build_model(
     tensors: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    *,
+    consume: bool = False,
 ):
     """Instantiates the family's module on the meta device, loads the weights into it, moves
     it to `device` and packs its matmul weights for that device. A reward model's config
-    (models/reward.py: RewardModelConfig) builds its reward class the same way."""
+    (models/reward.py: RewardModelConfig) builds its reward class the same way.
+
+    `consume=True`: the caller gives `tensors` up. On CPU the dict is emptied as the weights
+    load and each weight is packed as soon as it is complete (`load_weights(stream=True)`),
+    so the conversion holds one weight's temporaries at a time: peak memory stays near the
+    model's own instead of checkpoint + model (docs/PERF_RSS.md)."""
     import importlib
 
     from ttscale.models.layers import RotaryEmbedding
@@ -94,7 +101,10 @@ def build_model(
     # Buffers computed in __init__ must be real; only parameters come from the checkpoint.
     model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
     with one_torch_thread():
-        model.load_weights(tensors, dtype)
+        if consume and torch.device(device).type == "cpu":
+            model.load_weights(tensors, dtype, stream=True)
+        else:
+            model.load_weights(tensors, dtype)
         model = model.to(device).eval()
         model.pack()
     return model

@@ -113,9 +113,16 @@ class RewardModel(LlamaForCausalLM):
             f"{self.config.architecture} is a reward model: it has no LM head to sample from"
         )
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def load_weights(
+        self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, *, stream: bool = False
+    ) -> None:
         """HF names: `model.*` for the decoder, `score.*` for the head. A checkpoint that kept
         its policy's `lm_head.weight` loads too: it is unused (vLLM skips it as well)."""
+        if stream:  # the caller gave the dict up: drop the head in place, stream the rest
+            for name in [k for k in tensors if k.startswith("lm_head.")]:
+                del tensors[name]
+            super().load_weights(tensors, dtype, stream=True)
+            return
         kept = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
         super().load_weights(kept, dtype)
 
