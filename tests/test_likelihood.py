@@ -182,3 +182,32 @@ def test_a_likelihood_table_search_fits_a_logistic_head():
     assert {t.config.head for t in trials} == {"logreg"} and all(t.layers == () for t in trials)
     _, report = fit_and_test_answers(table(1), table(2), 60, (), trials[0].config)
     assert report["probe"]["accuracy"] > report["majority"]["accuracy"] + 0.3
+
+
+def test_train_verifier_searches_the_template_and_saves_a_loadable_probe(llm, tmp_path):
+    """End to end on the tiny model (its answers are noise: this checks the plumbing): every
+    template is tried on the training problems, the card names the chosen one, and the saved
+    probe loads and scores with it."""
+    from ttscale.tasks import load_task
+    from ttscale.verifier.likelihood import LIKELIHOOD_TEMPLATES
+    from ttscale.verifier.pipeline import VerifierRun, train_verifier
+
+    run = VerifierRun(
+        task="arithmetic",
+        n_problems=20,
+        samples=4,
+        temperature=1.0,
+        out=tmp_path / "probe",
+        test_problems=10,
+        max_tokens=8,
+        input="likelihood",
+        data_dir=tmp_path / "data",
+        epochs=20,
+    )
+    probe, card = train_verifier(llm, load_task("arithmetic"), run, log=lambda s: None)
+    assert set(card["search"]["templates"]) == set(LIKELIHOOD_TEMPLATES)
+    assert card["features"]["input"] == "likelihood"
+    assert card["features"]["template"] in LIKELIHOOD_TEMPLATES
+    assert card["head"]["dim"] == 1 and "--input likelihood" in card["command"]
+    loaded = load_scorer(f"probe:{tmp_path / 'probe'}", llm.source)
+    assert loaded.probe.features.template == card["features"]["template"]

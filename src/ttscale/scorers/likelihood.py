@@ -16,18 +16,14 @@ over partial paths needs a scorer that reads text (`probe`), and is refused befo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-
-import torch
 
 from ttscale.errors import ProbeError
 from ttscale.scorers.base import ScoreContext
 from ttscale.tts.session import Branch, Wait
+from ttscale.verifier.likelihood import ANSWER_TEMPLATE, answer_tokens, sum_logprob
 
-# After the raw question: the answer, then the newline that says the answer is complete (without
-# it "1" would collect the mass of every answer that starts with 1).
-ANSWER_TEMPLATE = " {answer}\n"
 _NO_PARTIAL = (
     "the likelihood scorer reads finished answers only; a search over partial paths needs a "
     "scorer that reads text (--scorer probe)"
@@ -42,23 +38,6 @@ class AnswerLikelihoods:
     answers: list[str | None]
     loglik: dict[str, float]
     count: dict[str, int]
-
-
-def answer_tokens(
-    encode: Callable[[str, bool], list[int]], question: str, answer: str, template: str
-) -> tuple[list[int], list[int]]:
-    """(question tokens with BOS, answer tokens): the prefix every answer shares, and what
-    follows it. Encoded apart so that the prefix is token-identical across answers."""
-    return encode(question, True), encode(template.format(answer=answer), False)
-
-
-def sum_logprob(model: torch.nn.Module, hidden: torch.Tensor, targets: Sequence[int]) -> float:
-    """log P(targets) from final-norm hidden states ``(len(targets) + 1, 1, H)`` whose row i
-    predicts ``targets[i]`` (the last row, after the final target, is unused)."""
-    logits = model.compute_logits(hidden[: len(targets), 0]).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    idx = torch.tensor(list(targets), device=logp.device)
-    return float(logp.gather(1, idx.unsqueeze(1)).sum())
 
 
 def answer_likelihoods(

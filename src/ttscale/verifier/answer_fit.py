@@ -88,6 +88,11 @@ def cv_answer_trial(
     )
 
 
+def rank_trial(trial: AnswerTrial) -> tuple[float, float]:
+    """Sort key, best first: out-of-fold top-1 accuracy, then within-problem AUROC."""
+    return (-trial.top1, -trial.within_auroc)
+
+
 def search_answer_probe(
     table: AnswerTable,
     n_problems: int,
@@ -109,22 +114,19 @@ def search_answer_probe(
         trials.append(trial)
         log(f"  {trial.row()}")
 
-    def rank(t: AnswerTrial) -> tuple[float, float]:
-        return (-t.top1, -t.within_auroc)
-
     if not table.layers:  # a likelihood table: two numbers, a logistic head
         for loss in ("bce", "listwise"):
             run((), "logreg", loss)
-        return sorted(trials, key=rank)
+        return sorted(trials, key=rank_trial)
     for layer in table.layers:
         for head, loss in HEAD_TRIALS:
             run((layer,), head, loss)
-    best = sorted(trials, key=rank)
+    best = sorted(trials, key=rank_trial)
     top_layers = list(dict.fromkeys(t.layers[0] for t in best))[:3]
     if len(top_layers) > 1:
         head, loss = best[0].config.head, best[0].config.loss
         run(tuple(sorted(top_layers)), head, loss)
-    return sorted(trials, key=rank)
+    return sorted(trials, key=rank_trial)
 
 
 def fit_and_test_answers(

@@ -21,14 +21,39 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ttscale.scorers.likelihood import ANSWER_TEMPLATE, answer_tokens, sum_logprob
 from ttscale.verifier.answers import AnswerTable, answer_groups
 
 if TYPE_CHECKING:
     from ttscale.llm import LLM
     from ttscale.verifier.data import ProblemSamples
 
+# After the raw question: the answer, then the newline that says the answer is complete (without
+# it "1" would collect the mass of every answer that starts with 1).
+ANSWER_TEMPLATE = " {answer}\n"
+
+
+def answer_tokens(
+    encode: Callable[[str, bool], list[int]], question: str, answer: str, template: str
+) -> tuple[list[int], list[int]]:
+    """(question tokens with BOS, answer tokens): the prefix every answer shares, and what
+    follows it. Encoded apart so that the prefix is token-identical across answers."""
+    return encode(question, True), encode(template.format(answer=answer), False)
+
+
+def sum_logprob(model: torch.nn.Module, hidden: torch.Tensor, targets: Sequence[int]) -> float:
+    """log P(targets) from final-norm hidden states ``(len(targets) + 1, 1, H)`` whose row i
+    predicts ``targets[i]`` (the last row, after the final target, is unused)."""
+    logits = model.compute_logits(hidden[: len(targets), 0]).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    idx = torch.tensor(list(targets), device=logp.device)
+    return float(logp.gather(1, idx.unsqueeze(1)).sum())
+
+
 LIKELIHOOD_FEATURES = ("log-likelihood of the answer after the bare question",)
+# What `train-verifier --input likelihood` tries after the question, chosen by out-of-fold top-1
+# accuracy on the training problems. The first is the shipped arithmetic probe's (questions
+# ending in "="); the others read as an answer after a question that ends in a sentence.
+LIKELIHOOD_TEMPLATES = (ANSWER_TEMPLATE, "\nAnswer: {answer}\n", " The answer is {answer}.\n")
 
 
 def likelihood_row(loglik: float) -> torch.Tensor:

@@ -19,9 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ttscale.scorers.likelihood import ANSWER_TEMPLATE
-from ttscale.verifier.answer_fit import fit_and_test_answers, search_answer_probe
-from ttscale.verifier.answers import RESTATE_TEMPLATE, answer_table
+from ttscale.verifier.answer_fit import (
+    AnswerTrial,
+    fit_and_test_answers,
+    rank_trial,
+    search_answer_probe,
+)
+from ttscale.verifier.answers import RESTATE_TEMPLATE, AnswerTable, answer_table
 from ttscale.verifier.data import (
     DATA_DIR,
     TEST_SEED,
@@ -31,7 +35,11 @@ from ttscale.verifier.data import (
 )
 from ttscale.verifier.features import POOLINGS, extract_features
 from ttscale.verifier.fit import FeatureTable, fit_and_test, search
-from ttscale.verifier.likelihood import LIKELIHOOD_FEATURES, likelihood_table
+from ttscale.verifier.likelihood import (
+    LIKELIHOOD_FEATURES,
+    LIKELIHOOD_TEMPLATES,
+    likelihood_table,
+)
 from ttscale.verifier.probe import CARD_VERSION, INPUTS, FeatureSpec, Probe, model_hash
 from ttscale.verifier.train import TrainConfig
 
@@ -315,26 +323,42 @@ def _train_answer_probe(
     """Answer features of both splits (restatements' hidden states, or likelihoods), the
     search on training problems, one test."""
     likelihood = run.input == "likelihood"
-    template = ANSWER_TEMPLATE if likelihood else RESTATE_TEMPLATE
-    tables = {}
-    for split, (items, _) in splits.items():
-        t0 = time.perf_counter()
-        if likelihood:
-            tables[split] = likelihood_table(llm, items, template, log)
-        else:
-            tables[split] = answer_table(llm, items, layers, template, log)
-        log(f"{split}: answer features in {time.perf_counter() - t0:.0f} s")
-    log("search (grouped cross-validation on training problems, top-1 answer accuracy):")
     questions = [it.question for it in splits["train"][0]]
-    trials = search_answer_probe(
-        tables["train"],
-        run.n_problems,
-        base,
-        folds=run.folds,
-        seed=run.seed,
-        log=log,
-        questions=questions,
-    )
+
+    def train_search(table: AnswerTable) -> list[AnswerTrial]:
+        return search_answer_probe(
+            table,
+            run.n_problems,
+            base,
+            folds=run.folds,
+            seed=run.seed,
+            log=log,
+            questions=questions,
+        )
+
+    if likelihood:
+        # What follows the question is a choice the training problems make: how a task's
+        # questions end decides which continuation reads as an answer to this model.
+        searched: dict[str, tuple[AnswerTable, list[AnswerTrial]]] = {}
+        for candidate in LIKELIHOOD_TEMPLATES:
+            t0 = time.perf_counter()
+            table = likelihood_table(llm, splits["train"][0], candidate, log)
+            log(f"template {candidate!r}: train likelihoods in {time.perf_counter() - t0:.0f} s")
+            searched[candidate] = (table, train_search(table))
+        template = min(searched, key=lambda t: rank_trial(searched[t][1][0]))  # best first
+        tables = {"train": searched[template][0]}
+        tables["test"] = likelihood_table(llm, splits["test"][0], template, log)
+        trials = searched[template][1]
+        log(f"chosen template {template!r}")
+    else:
+        template = RESTATE_TEMPLATE
+        tables = {}
+        for split, (items, _) in splits.items():
+            t0 = time.perf_counter()
+            tables[split] = answer_table(llm, items, layers, template, log)
+            log(f"{split}: answer features in {time.perf_counter() - t0:.0f} s")
+        log("search (grouped cross-validation on training problems, top-1 answer accuracy):")
+        trials = train_search(tables["train"])
     best = trials[0]
     n_test = len(splits["test"][0])
     head, report = fit_and_test_answers(
@@ -359,6 +383,7 @@ def _train_answer_probe(
             "folds": run.folds,
             "criterion": "top-1 answer accuracy out of fold (within-problem AUROC on ties)",
             "trials": [t.row() for t in trials],
+            **({"templates": {t: searched[t][1][0].row() for t in searched}} if likelihood else {}),
         },
         "metrics": {"test": report},
         **_card_footer(run, t_start),
