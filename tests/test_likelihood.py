@@ -204,7 +204,7 @@ def test_train_verifier_searches_the_template_and_saves_a_loadable_probe(llm, tm
         data_dir=tmp_path / "data",
         epochs=20,
     )
-    probe, card = train_verifier(llm, load_task("arithmetic"), run, log=lambda s: None)
+    _, card = train_verifier(llm, load_task("arithmetic"), run, log=lambda s: None)
     assert set(card["search"]["templates"]) == set(LIKELIHOOD_TEMPLATES)
     assert card["features"]["input"] == "likelihood"
     assert card["features"]["template"] in LIKELIHOOD_TEMPLATES

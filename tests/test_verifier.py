@@ -315,6 +315,12 @@ def test_run_settings_are_validated(field, value, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         VerifierRun(**kwargs)
     ok = VerifierRun(task="arithmetic", n_problems=100, samples=8, temperature=0.7, out=tmp_path)
+    hard = VerifierRun(
+        task="basic_arithmetic", n_problems=100, samples=8, temperature=0.7, out=tmp_path,
+        difficulty="medium",
+    )  # fmt: skip
+    assert "--task basic_arithmetic --difficulty medium" in hard.command()
+    assert "--difficulty" not in ok.command()
     assert "--n-problems 100" in ok.command()
 
 

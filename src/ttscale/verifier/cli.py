@@ -89,6 +89,7 @@ def train_verifier(
             seed=seed,
             data_dir=data_dir,
             input=input_kind,
+            difficulty=difficulty,
         )
         task_obj = load_task(task, difficulty)
         check_split(task_obj, n_problems, test_problems)

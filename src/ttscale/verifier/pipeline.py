@@ -72,6 +72,9 @@ class VerifierRun:
     # restated (verifier.answers); "likelihood": each distinct answer's log-likelihood after
     # the bare question (verifier.likelihood). The last two extract no text features.
     input: str = "text"
+    # The task's difficulty preset when one was asked for (None: the task's default); part of
+    # the command and of the sample cache's name, so another preset never meets these samples.
+    difficulty: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_problems < MIN_TRAIN_PROBLEMS:
@@ -98,6 +101,7 @@ class VerifierRun:
         parts = [
             "ttscale train-verifier",
             f"--task {self.task}",
+            *([f"--difficulty {self.difficulty}"] if self.difficulty else []),
             f"--n-problems {self.n_problems}",
             f"--samples {self.samples}",
             f"--temperature {self.temperature}",
@@ -123,7 +127,8 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def _dataset_path(run: VerifierRun, task: Task, seed: int) -> Path:
-    tag = f"{task.name}_T{run.temperature}_p{run.top_p}_k{run.samples}_m{run.max_tokens}"
+    name = f"{task.name}_{run.difficulty}" if run.difficulty else task.name
+    tag = f"{name}_T{run.temperature}_p{run.top_p}_k{run.samples}_m{run.max_tokens}"
     return Path(run.data_dir) / f"{tag}_s{seed}.jsonl"
 
 
