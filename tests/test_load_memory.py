@@ -134,7 +134,7 @@ _RSS_SCRIPT = textwrap.dedent(
         return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
     from ttscale import LLM, SamplingParams
     base = rss()
-    llm = LLM(num_threads=1)
+    llm = LLM(num_threads=1, kv_cache_gb=0.25)
     loaded = rss()
     llm.generate("Hi", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
@@ -148,7 +148,10 @@ def test_embedded_model_loads_within_a_memory_budget() -> None:
     """Resident memory a fresh process adds by loading the embedded model (after imports),
     MiB: measured 430 after load and ~550 at peak (docs/PERF_RSS.md; before the streamed
     load 890 and ~1215). The bounds leave room for other allocators and torch versions.
-    Building the model must not import torch._dynamo (~150 MiB) either."""
+    Building the model must not import torch._dynamo (~150 MiB) either. The KV pool is sized
+    explicitly: in one full-suite run (session 5) the default pool (2 GiB here) showed up whole
+    in the peak (+1914 MiB) although alone the test measured ~550; not yet explained, and not
+    what this test is about (loading)."""
     try:
         default_model_path()
     except ModelLoadError as exc:
