@@ -195,3 +195,25 @@ def test_engine_kivi_with_forks_prefix_cache_and_sparse(tmp_path, model_dir):
         assert all(o.token_ids == outs[0].outputs[0].token_ids for o in outs[0].outputs)
     with pytest.raises(ValueError, match="KIVI needs head_dim divisible by 32"):
         tiny_llm(model_dir, kv_cache_dtype="kivi2")
+
+
+def test_kivi_copy_on_write_after_its_stages_grew_in_a_step(tmp_path):
+    """Regression (session 5, arithmetic eval with kivi4): staging buffers grown inside a
+    forward are inference tensors; a later copy-on-write into them runs before the next
+    forward and must not fail. Many concurrent forks of partial blocks grow the stages."""
+    from tests.conftest import make_tiny_model
+
+    make_tiny_model(tmp_path, num_attention_heads=2, num_key_value_heads=1)
+    llm = tiny_llm(tmp_path, kv_cache_dtype="kivi4", kv_cache_gb=0.05)
+    from ttscale.strategies.api import make_query, solve_many
+    from ttscale.tts.hygiene import Hygiene
+
+    params = SamplingParams(temperature=1.0, max_tokens=9, seed=0)
+    for round_ in range(3):
+        queries = [
+            make_query(llm, f"{round_} + {i} =", params=params, hygiene=Hygiene(enabled=False))
+            for i in range(8)
+        ]
+        results = solve_many(llm, queries, "majority@16", concurrency=8)
+        assert len(results) == 8
+    llm.engine.check_integrity()

@@ -45,7 +45,10 @@ class ModelRunner:
         self.forward = CompiledForward(model, compile_config or CompileConfig(), context)
 
     def execute(self, batch: SchedulerOutput) -> StepResult:
-        self.kv_cache.copy_blocks(batch.block_copies)
+        # Inference mode like the forward: caches may create buffers inside a forward
+        # (inference tensors, e.g. kivi's staging rows) that copy-on-write then updates here.
+        with torch.inference_mode():
+            self.kv_cache.copy_blocks(batch.block_copies)
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
