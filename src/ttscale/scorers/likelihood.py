@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ttscale.errors import ProbeError
 from ttscale.scorers.base import ScoreContext
 from ttscale.tts.session import Branch, Wait
-from ttscale.verifier.likelihood import ANSWER_TEMPLATE, answer_tokens, sum_logprob
+from ttscale.verifier.likelihood import ANSWER_TEMPLATE, answer_tokens, sum_logprobs
 
 _NO_PARTIAL = (
     "the likelihood scorer reads finished answers only; a search over partial paths needs a "
@@ -70,10 +70,8 @@ def answer_likelihoods(
     hidden = yield from ctx.session.embed(
         [prefix + cont for _, cont in pairs], [final], len(prefix) - 1
     )
-    loglik = {
-        a: sum_logprob(engine.model, h, cont)
-        for a, (_, cont), h in zip(count, pairs, hidden, strict=True)
-    }
+    logliks = sum_logprobs(engine.model, hidden, [cont for _, cont in pairs])
+    loglik = dict(zip(count, logliks, strict=True))
     return AnswerLikelihoods(answers, loglik, count)
 
 

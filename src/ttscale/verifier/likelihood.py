@@ -40,13 +40,17 @@ def answer_tokens(
     return encode(question, True), encode(template.format(answer=answer), False)
 
 
-def sum_logprob(model: torch.nn.Module, hidden: torch.Tensor, targets: Sequence[int]) -> float:
-    """log P(targets) from final-norm hidden states ``(len(targets) + 1, 1, H)`` whose row i
-    predicts ``targets[i]`` (the last row, after the final target, is unused)."""
-    logits = model.compute_logits(hidden[: len(targets), 0]).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    idx = torch.tensor(list(targets), device=logp.device)
-    return float(logp.gather(1, idx.unsqueeze(1)).sum())
+def sum_logprobs(
+    model: torch.nn.Module, hidden: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]
+) -> list[float]:
+    """log P(targets[i]) per answer, from final-norm hidden states ``(len(targets[i]) + 1, 1,
+    H)`` whose row j predicts ``targets[i][j]`` (the last row is unused). One LM-head call
+    over every answer's rows: the head (vocab x hidden) is the costly part, read once."""
+    rows = torch.cat([h[: len(t), 0] for h, t in zip(hidden, targets, strict=True)])
+    logp = torch.log_softmax(model.compute_logits(rows).float(), dim=-1)
+    idx = torch.tensor([tok for t in targets for tok in t], device=logp.device)
+    chosen = logp.gather(1, idx.unsqueeze(1)).squeeze(1)
+    return [float(part.sum()) for part in chosen.split([len(t) for t in targets])]
 
 
 LIKELIHOOD_FEATURES = ("log-likelihood of the answer after the bare question",)
@@ -81,8 +85,8 @@ def likelihood_table(
         pairs = [answer_tokens(encode, item.question, a, template) for a in by_answer]
         prefix = pairs[0][0]
         hidden = llm.hidden_states([prefix + c for _, c in pairs], [final], len(prefix) - 1)
-        for (_, members), (_, cont), h in zip(by_answer.items(), pairs, hidden, strict=True):
-            loglik = sum_logprob(llm.engine.model, h, cont)
+        logliks = sum_logprobs(llm.engine.model, hidden, [cont for _, cont in pairs])
+        for (_, members), loglik in zip(by_answer.items(), logliks, strict=True):
             rows.append(torch.tensor([loglik, math.log(len(members))], dtype=torch.float32))
             labels.append(bool(item.candidates[members[0]].correct))
             groups.append(j)
