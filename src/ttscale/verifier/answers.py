@@ -80,6 +80,29 @@ class AnswerTable:
         return torch.cat([self.feats[:, torch.cat(cols)], self.feats[:, -1:]], 1)
 
 
+def answer_rows(
+    items: Sequence[ProblemSamples],
+    rows_of: Callable[[ProblemSamples, dict[str, list[int]]], list[torch.Tensor]],
+    what: str,
+    log: Callable[[str], None],
+) -> tuple[list[torch.Tensor], list[bool], list[int]]:
+    """Feature rows of every distinct answer of every problem (``rows_of`` computes one
+    problem's, one engine call), with each answer's label and problem index."""
+    rows: list[torch.Tensor] = []
+    labels: list[bool] = []
+    groups: list[int] = []
+    for j, item in enumerate(items):
+        by_answer = answer_groups(item)
+        if not by_answer:
+            continue
+        rows += rows_of(item, by_answer)
+        labels += [bool(item.candidates[m[0]].correct) for m in by_answer.values()]
+        groups += [j] * len(by_answer)
+        if (j + 1) % 100 == 0:
+            log(f"{what} of {j + 1}/{len(items)} problems")
+    return rows, labels, groups
+
+
 def answer_table(
     llm: LLM,
     items: Sequence[ProblemSamples],
@@ -93,20 +116,16 @@ def answer_table(
     def encode(text: str) -> list[int]:
         return llm.tokenizer.encode(text, add_special_tokens=False)
 
-    rows, labels, groups = [], [], []
-    for j, item in enumerate(items):
-        by_answer = answer_groups(item)
-        if not by_answer:
-            continue
+    def rows_of(item: ProblemSamples, by_answer: dict[str, list[int]]) -> list[torch.Tensor]:
         prompt = list(item.prompt_token_ids)
         seqs = [prompt + restatement(encode, a, template) for a in by_answer]
         hidden = llm.hidden_states(seqs, list(layers), start=len(prompt))
-        for (_, members), h in zip(by_answer.items(), hidden, strict=True):
-            rows.append(answer_row(h, len(members)).to(torch.float16))
-            labels.append(bool(item.candidates[members[0]].correct))
-            groups.append(j)
-        if (j + 1) % 100 == 0:
-            log(f"answer features of {j + 1}/{len(items)} problems")
+        return [
+            answer_row(h, len(members)).to(torch.float16)
+            for members, h in zip(by_answer.values(), hidden, strict=True)
+        ]
+
+    rows, labels, groups = answer_rows(items, rows_of, "answer features", log)
     return AnswerTable(
         torch.stack(rows),
         np.array(labels),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ttscale.verifier.answers import AnswerTable, answer_groups
+from ttscale.verifier.answers import AnswerTable, answer_rows
 
 if TYPE_CHECKING:
     from ttscale.llm import LLM
@@ -77,19 +77,15 @@ def likelihood_table(
     def encode(text: str, special: bool) -> list[int]:
         return llm.tokenizer.encode(text, add_special_tokens=special)
 
-    rows, labels, groups = [], [], []
-    for j, item in enumerate(items):
-        by_answer = answer_groups(item)
-        if not by_answer:
-            continue
+    def rows_of(item: ProblemSamples, by_answer: dict[str, list[int]]) -> list[torch.Tensor]:
         pairs = [answer_tokens(encode, item.question, a, template) for a in by_answer]
         prefix = pairs[0][0]
         hidden = llm.hidden_states([prefix + c for _, c in pairs], [final], len(prefix) - 1)
         logliks = sum_logprobs(llm.engine.model, hidden, [cont for _, cont in pairs])
-        for (_, members), loglik in zip(by_answer.items(), logliks, strict=True):
-            rows.append(torch.tensor([loglik, math.log(len(members))], dtype=torch.float32))
-            labels.append(bool(item.candidates[members[0]].correct))
-            groups.append(j)
-        if (j + 1) % 100 == 0:
-            log(f"answer likelihoods of {j + 1}/{len(items)} problems")
+        return [
+            torch.tensor([loglik, math.log(len(members))], dtype=torch.float32)
+            for members, loglik in zip(by_answer.values(), logliks, strict=True)
+        ]
+
+    rows, labels, groups = answer_rows(items, rows_of, "answer likelihoods", log)
     return AnswerTable(torch.stack(rows), np.array(labels), np.array(groups), (), 0)
