@@ -73,6 +73,8 @@ class LLM:
     with a smaller `draft_model` sharing the tokenizer; `SamplingParams(speculative=False)`
     turns it off per request. `compile=True` runs decode-sized steps through torch.compile
     (models/compiled.py; the first compile is paid once per machine, cached on disk).
+    `fused=True` (default) runs small steps of a quantized model (the default GGUF's) as one
+    C++ call per step (models/fused.py; built once per machine, eager if it cannot be).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class LLM:
         speculative: str | None = None,
         num_speculative_tokens: int = 4,
         compile: bool = False,
+        fused: bool = True,
         draft_model: str | Path | None = None,
         draft_layers: int | Sequence[int] | None = None,
         **engine_options: Any,
@@ -131,7 +134,7 @@ class LLM:
             max_model_len,
             hardware=_hardware(hardware),
             proposer=proposer,
-            compile_config=CompileConfig(enabled=compile),
+            compile_config=CompileConfig(enabled=compile, fused=fused),
         )
         self._ids = itertools.count()
         release_free_memory()  # loading's freed temporaries (see loader/memory.py)

@@ -13,6 +13,7 @@ from ttscale.engine.executor import StepResult
 from ttscale.engine.scheduler import SchedulerOutput
 from ttscale.kvcache import CacheConfig, make_kv_cache, slot_mapping
 from ttscale.models.compiled import CompileConfig, CompiledForward
+from ttscale.models.fused import FusedDecode, fused_unsupported, load_extension
 from ttscale.models.llama import HiddenCapture
 
 
@@ -42,7 +43,18 @@ class ModelRunner:
         self.specs = with_block_topk(model.attention_specs, config)
         # Small steps through the compiled graph when enabled (models/compiled.py).
         context = min(mc.max_position_embeddings, self.num_blocks * config.block_size)
-        self.forward = CompiledForward(model, compile_config or CompileConfig(), context)
+        compile_config = compile_config or CompileConfig()
+        self.forward = CompiledForward(model, compile_config, context)
+        # Small steps of a quantized model as one C++ call (models/fused.py), when it can.
+        self.fused: FusedDecode | None = None
+        self.fused_off: str | None = "fused=False"
+        if compile_config.fused:
+            self.fused_off = fused_unsupported(model, self.kv_cache)
+            ext = load_extension() if self.fused_off is None else None
+            if self.fused_off is None and ext is None:
+                self.fused_off = "the extension did not build (see the log)"
+            if ext is not None:
+                self.fused = FusedDecode(model, self.kv_cache, ext)
 
     def execute(self, batch: SchedulerOutput) -> StepResult:
         # Inference mode like the forward: caches may create buffers inside a forward
@@ -74,27 +86,34 @@ class ModelRunner:
                 [s.kv_budget for s in batch.seqs] if self.config.tracks_block_keys else None
             ),
         )
-        attn = self.attention_cls(self.kv_cache, meta, self.specs)
         capture = None
         if hidden_rows:
             rows = torch.tensor(hidden_rows, device=self.device)
             capture = HiddenCapture(rows, tuple(batch.hidden_layers))
-        hidden = self.forward(
-            torch.tensor(input_ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            attn,
-            capture,
-        )
-        shape = StepShape(
-            query_lens=tuple(meta.query_lens),
-            context_lens=tuple(meta.context_lens),
-            kv_tokens_read=attn.kv_tokens_read,
-            num_logits=len(logit_rows),
-            kv_tokens_shared=attn.kv_tokens_shared,
-            shared_groups=attn.shared_groups,
-            kv_blocks_scored=attn.kv_blocks_scored,
-            kv_tokens_skipped=attn.kv_tokens_skipped,
-        )
+        ids_t = torch.tensor(input_ids, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        if self.fused is not None and self.fused.accepts(meta, capture):
+            hidden = self.fused(ids_t, positions_t, meta)
+            # Each token reads its own context (positions + 1 slots), no shared prefix.
+            shape = StepShape(
+                query_lens=tuple(meta.query_lens),
+                context_lens=tuple(meta.context_lens),
+                kv_tokens_read=sum(positions) + len(positions),
+                num_logits=len(logit_rows),
+            )
+        else:
+            attn = self.attention_cls(self.kv_cache, meta, self.specs)
+            hidden = self.forward(ids_t, positions_t, attn, capture)
+            shape = StepShape(
+                query_lens=tuple(meta.query_lens),
+                context_lens=tuple(meta.context_lens),
+                kv_tokens_read=attn.kv_tokens_read,
+                num_logits=len(logit_rows),
+                kv_tokens_shared=attn.kv_tokens_shared,
+                shared_groups=attn.shared_groups,
+                kv_blocks_scored=attn.kv_blocks_scored,
+                kv_tokens_skipped=attn.kv_tokens_skipped,
+            )
         if logit_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
         else:

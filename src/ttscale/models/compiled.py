@@ -48,14 +48,18 @@ log = logging.getLogger(__name__)
 class CompileConfig:
     """`LLM(compile=...)`: whether steps of at most `max_rows` tokens run compiled.
     Steps with hidden-state capture, and larger ones (prefill: matmul-bound, eager overhead
-    negligible), always run eager."""
+    negligible), always run eager. `LLM(fused=...)`: whether small steps of a quantized model
+    run as one C++ call (models/fused.py); where both apply, the fused step wins."""
 
     enabled: bool = False
     max_rows: int = 64
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"compile must be True or False, not {self.enabled!r}")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be True or False, not {self.fused!r}")
         if self.max_rows < 1:
             raise ValueError(f"compile max_rows must be >= 1, not {self.max_rows}")
 

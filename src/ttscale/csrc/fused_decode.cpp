@@ -1,0 +1,400 @@
+// A decode step's decoder layers in one call: the small ops between the matmuls fused into
+// plain loops, the paged attention read straight from the block pool (no gather copies).
+//
+// Why: at batch 1 a Llama layer is ~80 small eager ops from Python (norms, RoPE, SiLU-mul,
+// residuals, casts, index work), each paying Python and dispatcher time; over 30 layers that
+// was most of a decode step (docs/BENCHMARKS.md, "A decode step in one C++ call"). Here the
+// per-layer work is four matmul kernel calls (torch's int4 / int8 weight-only CPU kernels,
+// the same the eager path uses) and six fused loops.
+//
+// Numerics follow the eager path (models/llama.py, models/layers.py) op by op: the residual
+// stream, norms, RoPE and SiLU-mul are rounded to the model's dtype T where eager rounds
+// them, the matmuls take bf16 activations, attention accumulates in fp32. Sums run in
+// another order, so results agree with eager to float rounding, not bit for bit
+// (tests/test_fused_decode.py states the tolerances).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+
+inline float to_f(float x) { return x; }
+inline float to_f(BFloat16 x) { return static_cast<float>(x); }
+
+// Rounds a float to T and back: what storing an intermediate in the model's dtype does.
+template <typename T>
+inline float round_to(float x) {
+  return to_f(static_cast<T>(x));
+}
+
+// A quantized Linear as models/quant.py packs it. int4: (packed codes, scales_zeros, group);
+// int8: (codes, per-row scales). Outputs are bf16 (T, N'), N' >= out_features (int4 pads N
+// to 16); readers use the row stride.
+struct QLinear {
+  int64_t kind = 0;  // 0 int4, 1 int8
+  at::Tensor a, b;
+  int64_t group = 0;
+  int64_t out_features = 0;
+  at::Tensor bias;  // model dtype, or undefined
+
+  at::Tensor mm(const at::Tensor& x) const {
+    return kind == 0 ? at::_weight_int4pack_mm_for_cpu(x, a, group, b)
+                     : at::_weight_int8pack_mm(x, a, b);
+  }
+};
+
+struct Layer {
+  at::Tensor input_norm, post_norm;  // model dtype
+  QLinear qkv, o, gate_up, down;
+};
+
+template <typename T>
+float sum_squares(const T* x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_f(x[i]);
+    s += v * v;
+  }
+  return s;
+}
+
+// out = bf16(w * T(x / rms(x))), as RMSNorm.forward then the matmul's bf16 cast.
+template <typename T>
+void rms_norm_bf16(const T* x, const T* w, BFloat16* out, int64_t n, float eps) {
+  const float r = 1.f / std::sqrt(sum_squares(x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = round_to<T>(to_f(x[i]) * r);
+    out[i] = static_cast<BFloat16>(round_to<T>(to_f(w[i]) * y));
+  }
+}
+
+// x += T(delta) (the residual add of a bf16 matmul output), then out = norm(x) (or nothing).
+template <typename T>
+void add_residual(T* x, const BFloat16* delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<T>(to_f(x[i]) + to_f(delta[i]));
+  }
+}
+
+// One token's q (into q_out, fp32 holding T-rounded values) and k (into the pool) with RoPE
+// applied, v copied into the pool. qkv: the bf16 matmul row (+ bias in T); cos/sin: the
+// rotary table's row at this token's position; buf: n_heads + 2 * n_kv_heads heads of floats.
+template <typename T, typename P>
+void rope_and_store(
+    const BFloat16* qkv, const T* bias, const float* cos, const float* sin, int64_t n_heads,
+    int64_t n_kv_heads, int64_t d, float* q_out, P* k_slot, P* v_slot, std::vector<float>& buf) {
+  const int64_t heads = n_heads + 2 * n_kv_heads, half = d / 2;
+  buf.resize(static_cast<size_t>(heads * d + 2 * d));
+  float* x = buf.data();
+  for (int64_t i = 0; i < heads * d; ++i) {
+    const float v = to_f(qkv[i]);  // bf16 -> T is exact for T in {fp32, bf16}
+    x[i] = bias != nullptr ? round_to<T>(v + to_f(bias[i])) : v;
+  }
+  float* c = x + heads * d;  // cos/sin in T, as eager casts the table rows
+  float* sn = c + d;
+  for (int64_t i = 0; i < d; ++i) {
+    c[i] = round_to<T>(cos[i]);
+    sn[i] = round_to<T>(sin[i]);
+  }
+  // rotate_half(x) = cat(-x[half:], x[:half]); y = T(T(x * cos) + T(rotate_half(x) * sin)).
+  auto rotate = [&](const float* a, auto* out) {
+    using O = std::remove_pointer_t<decltype(out)>;
+    for (int64_t i = 0; i < half; ++i) {
+      const float lo = round_to<T>(round_to<T>(a[i] * c[i]) + round_to<T>(-a[i + half] * sn[i]));
+      const float hi = round_to<T>(
+          round_to<T>(a[i + half] * c[i + half]) + round_to<T>(a[i] * sn[i + half]));
+      out[i] = static_cast<O>(lo);
+      out[i + half] = static_cast<O>(hi);
+    }
+  };
+  for (int64_t h = 0; h < n_heads; ++h) rotate(x + h * d, q_out + h * d);
+  for (int64_t h = 0; h < n_kv_heads; ++h) rotate(x + (n_heads + h) * d, k_slot + h * d);
+  const float* v = x + (n_heads + n_kv_heads) * d;
+  for (int64_t i = 0; i < n_kv_heads * d; ++i) v_slot[i] = static_cast<P>(v[i]);
+}
+
+// 16 floats: GCC/Clang vector extensions, lowered to AVX-512 (or split to AVX2/SSE) by the
+// compiler; head_dim must be a multiple of 16 (checked in Python).
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v16 load16(const BFloat16* p) {
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;  // bf16 is fp32's top half
+  v16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+constexpr int kMaxGroup = 8;   // query heads per KV head the fast loop keeps in registers
+constexpr int kMaxChunks = 8;  // head_dim / 16 (head_dim <= 128)
+
+// Softmax attention of one token's g query heads of one KV head over its context, read from
+// the pool block by block through the block table, one pass with an online softmax
+// (flash-decoding's recurrence): keys and values of a block are read together, once.
+// q: (g, d) fp32; out: (g, d) bf16 holding T-rounded values.
+template <typename T, typename P>
+void attend(
+    const float* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t ctx,
+    int64_t block_size, int64_t n_kv_heads, int64_t kv_head, int64_t g, int64_t d, float scale,
+    BFloat16* out) {
+  const int64_t chunks = d / kLanes, row = n_kv_heads * d;
+  v16 qv[kMaxGroup][kMaxChunks], acc[kMaxGroup][kMaxChunks];
+  float m[kMaxGroup], total[kMaxGroup], s[kMaxGroup][64];
+  for (int64_t h = 0; h < g; ++h) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      qv[h][c] = load16(q + h * d + c * kLanes) * scale;
+      acc[h][c] = v16{} * 0.f;
+    }
+    m[h] = -INFINITY;
+    total[h] = 0.f;
+  }
+  for (int64_t start = 0; start < ctx; start += block_size) {
+    const int64_t n = std::min(block_size, ctx - start);
+    const int64_t base = (table[start / block_size] * block_size) * row + kv_head * d;
+    const P* kb = k_pool + base;
+    const P* vb = v_pool + base;
+    for (int64_t j = 0; j < n; ++j) {
+      v16 kc[kMaxChunks];
+      for (int64_t c = 0; c < chunks; ++c) kc[c] = load16(kb + j * row + c * kLanes);
+      for (int64_t h = 0; h < g; ++h) {
+        v16 dot = qv[h][0] * kc[0];
+        for (int64_t c = 1; c < chunks; ++c) dot += qv[h][c] * kc[c];
+        s[h][j] = hsum(dot);
+      }
+    }
+    for (int64_t h = 0; h < g; ++h) {
+      float block_max = m[h];
+      for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, s[h][j]);
+      const float rescale = std::exp(m[h] - block_max);  // 0 on the first block
+      m[h] = block_max;
+      total[h] *= rescale;
+      for (int64_t c = 0; c < chunks; ++c) acc[h][c] *= rescale;
+      for (int64_t j = 0; j < n; ++j) {
+        s[h][j] = std::exp(s[h][j] - block_max);
+        total[h] += s[h][j];
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      v16 vc[kMaxChunks];
+      for (int64_t c = 0; c < chunks; ++c) vc[c] = load16(vb + j * row + c * kLanes);
+      for (int64_t h = 0; h < g; ++h) {
+        for (int64_t c = 0; c < chunks; ++c) acc[h][c] += s[h][j] * vc[c];
+      }
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {
+    const float inv = 1.f / total[h];
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int i = 0; i < kLanes; ++i) {
+        out[h * d + c * kLanes + i] = static_cast<BFloat16>(round_to<T>(acc[h][c][i] * inv));
+      }
+    }
+  }
+}
+
+// out = bf16(T(T(silu(gate)) * up)) from the gate_up matmul's bf16 row, as MLP.forward.
+template <typename T>
+void silu_mul(const BFloat16* gate_up, BFloat16* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gv = to_f(gate_up[i]);
+    const float s = round_to<T>(gv / (1.f + std::exp(-gv)));
+    out[i] = static_cast<BFloat16>(round_to<T>(s * to_f(gate_up[n + i])));
+  }
+}
+
+class DecodeStack {
+ public:
+  DecodeStack(
+      int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden, int64_t intermediate,
+      double eps, double scale)
+      : n_heads_(n_heads),
+        n_kv_heads_(n_kv_heads),
+        head_dim_(head_dim),
+        hidden_(hidden),
+        intermediate_(intermediate),
+        eps_(static_cast<float>(eps)),
+        scale_(static_cast<float>(scale)) {
+    TORCH_CHECK(head_dim % kLanes == 0 && head_dim / kLanes <= kMaxChunks,
+                "fused decode needs head_dim a multiple of 16, at most 128, not ", head_dim);
+    TORCH_CHECK(n_heads % n_kv_heads == 0 && n_heads / n_kv_heads <= kMaxGroup,
+                "fused decode needs at most 8 query heads per KV head");
+  }
+
+  void add_layer(
+      at::Tensor input_norm, at::Tensor post_norm, std::vector<QLinear> linears) {
+    TORCH_CHECK(linears.size() == 4, "a layer has 4 linears: qkv, o, gate_up, down");
+    layers_.push_back({input_norm.contiguous(), post_norm.contiguous(), linears[0], linears[1],
+                       linears[2], linears[3]});
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x: (T, hidden) residual stream in the model's dtype, updated in place and returned.
+  // tables: (T, max_blocks) int64, each token's sequence's block table; ctx: (T,) int64, the
+  // context each token attends to (its position + 1); slots: (T,) its KV slot; cos/sin:
+  // (T, head_dim) fp32 rows of the rotary table at its position; k_pool/v_pool: the KV cache's
+  // (layers, rows, n_kv_heads, head_dim) float pools.
+  at::Tensor forward(
+      at::Tensor x, const at::Tensor& tables, const at::Tensor& ctx, const at::Tensor& slots,
+      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
+      const at::Tensor& v_pool, int64_t block_size) {
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_, "x: (T, hidden)");
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
+    TORCH_CHECK(k_pool.size(0) == num_layers(), "pool layers != model layers");
+    TORCH_CHECK(tables.scalar_type() == at::kLong && ctx.scalar_type() == at::kLong &&
+                    slots.scalar_type() == at::kLong, "tables, ctx, slots: int64");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "cos/sin fp32");
+    TORCH_CHECK(block_size <= 64, "block_size <= 64");
+    c10::InferenceMode guard;
+    const auto x_type = x.scalar_type();
+    const auto p_type = k_pool.scalar_type();
+    if (x_type == at::kFloat && p_type == at::kFloat) {
+      run<float, float>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
+    } else if (x_type == at::kFloat && p_type == at::kBFloat16) {
+      run<float, BFloat16>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
+    } else if (x_type == at::kBFloat16 && p_type == at::kBFloat16) {
+      run<BFloat16, BFloat16>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
+    } else if (x_type == at::kBFloat16 && p_type == at::kFloat) {
+      run<BFloat16, float>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
+    } else {
+      TORCH_CHECK(false, "fused decode takes fp32/bf16 activations and pools, not ", x_type,
+                  " / ", p_type);
+    }
+    return x;
+  }
+
+ private:
+  template <typename T, typename P>
+  void run(
+      at::Tensor& x, const at::Tensor& tables, const at::Tensor& ctx_t, const at::Tensor& slots_t,
+      const at::Tensor& cos_t, const at::Tensor& sin_t, const at::Tensor& k_pool_t,
+      const at::Tensor& v_pool_t, int64_t block_size) {
+    const int64_t n_tokens = x.size(0);
+    const int64_t d = head_dim_, h = n_heads_, kvh = n_kv_heads_, g = h / kvh;
+    const int64_t layer_rows = k_pool_t.size(1) * kvh * d;  // elements per pool layer
+    const auto bf16 = x.options().dtype(at::kBFloat16);
+    at::Tensor normed = at::empty({n_tokens, hidden_}, bf16);
+    at::Tensor attn_out = at::empty({n_tokens, h * d}, bf16);
+    at::Tensor act = at::empty({n_tokens, intermediate_}, bf16);
+    at::Tensor q = at::empty({n_tokens, h * d}, x.options().dtype(at::kFloat));
+    T* xp = x.data_ptr<T>();
+    BFloat16* np = normed.data_ptr<BFloat16>();
+    const int64_t* tab = tables.data_ptr<int64_t>();
+    const int64_t max_blocks = tables.size(1);
+    const int64_t* ctx = ctx_t.data_ptr<int64_t>();
+    const int64_t* slots = slots_t.data_ptr<int64_t>();
+    int64_t longest = 0;
+    for (int64_t t = 0; t < n_tokens; ++t) longest = std::max(longest, ctx[t]);
+    // Split attention over threads only when there is enough of it to pay the fork.
+    const int64_t grain = longest * n_tokens >= 512 ? 1 : n_tokens * kvh;
+    std::vector<float> buf;
+
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      rms_norm_bf16<T>(xp + t * hidden_, layers_[0].input_norm.data_ptr<T>(), np + t * hidden_,
+                       hidden_, eps_);
+    }
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& L = layers_[li];
+      P* k_pool = k_pool_t.data_ptr<P>() + static_cast<int64_t>(li) * layer_rows;
+      P* v_pool = v_pool_t.data_ptr<P>() + static_cast<int64_t>(li) * layer_rows;
+      // q/k/v, RoPE, KV write.
+      at::Tensor qkv = L.qkv.mm(normed);
+      const BFloat16* qkvp = qkv.data_ptr<BFloat16>();
+      const T* bias = L.qkv.bias.defined() ? L.qkv.bias.data_ptr<T>() : nullptr;
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        rope_and_store<T, P>(qkvp + t * qkv.stride(0), bias, cos_t.data_ptr<float>() + t * d,
+                             sin_t.data_ptr<float>() + t * d, h, kvh, d,
+                             q.data_ptr<float>() + t * h * d, k_pool + slots[t] * kvh * d,
+                             v_pool + slots[t] * kvh * d, buf);
+      }
+      // Attention: every token's KV heads, each over its own context.
+      BFloat16* ap = attn_out.data_ptr<BFloat16>();
+      const float* qp = q.data_ptr<float>();
+      at::parallel_for(0, n_tokens * kvh, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t t = i / kvh, hk = i % kvh;
+          attend<T, P>(qp + (t * h + hk * g) * d, k_pool, v_pool, tab + t * max_blocks, ctx[t],
+                       block_size, kvh, hk, g, d, scale_, ap + (t * h + hk * g) * d);
+        }
+      });
+      // Output projection, residual, post-attention norm.
+      at::Tensor o = L.o.mm(attn_out);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        add_residual<T>(xp + t * hidden_, o.data_ptr<BFloat16>() + t * o.stride(0), hidden_);
+        rms_norm_bf16<T>(xp + t * hidden_, L.post_norm.data_ptr<T>(), np + t * hidden_, hidden_,
+                         eps_);
+      }
+      // MLP, residual, the next layer's input norm.
+      at::Tensor gu = L.gate_up.mm(normed);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        silu_mul<T>(gu.data_ptr<BFloat16>() + t * gu.stride(0),
+                    act.data_ptr<BFloat16>() + t * intermediate_, intermediate_);
+      }
+      at::Tensor down = L.down.mm(act);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        add_residual<T>(xp + t * hidden_, down.data_ptr<BFloat16>() + t * down.stride(0),
+                        hidden_);
+        if (li + 1 < layers_.size()) {
+          rms_norm_bf16<T>(xp + t * hidden_, layers_[li + 1].input_norm.data_ptr<T>(),
+                           np + t * hidden_, hidden_, eps_);
+        }
+      }
+    }
+  }
+
+  int64_t n_heads_, n_kv_heads_, head_dim_, hidden_, intermediate_;
+  float eps_, scale_;
+  std::vector<Layer> layers_;
+};
+
+QLinear make_linear(
+    int64_t kind, at::Tensor a, at::Tensor b, int64_t group, int64_t out_features,
+    c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(kind == 0 || kind == 1, "linear kind: 0 int4, 1 int8");
+  QLinear l;
+  l.kind = kind;
+  l.a = a;
+  l.b = b;
+  l.group = group;
+  l.out_features = out_features;
+  if (bias.has_value()) l.bias = bias->contiguous();
+  return l;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<QLinear>(m, "QLinear");
+  m.def("make_linear", &make_linear, "a quantized Linear's kernel operands");
+  pybind11::class_<DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("num_layers", &DecodeStack::num_layers)
+      .def("forward", &DecodeStack::forward);
+}

@@ -1,0 +1,196 @@
+"""Small steps' decoder layers in one C++ call (csrc/fused_decode.cpp).
+
+Why: at batch 1 the eager forward is ~80 small ops per layer between four matmuls; their
+Python and dispatcher time was 60% of a decode step of the embedded model (9.97 ms forward
+of which 2.9 ms int4 matmuls; benchmarks/profile_engine.py). `torch.compile` removed little
+of it on this machine (1.07x quiet, docs/BENCHMARKS.md) and costs a minute of tracing per
+process. The extension runs every layer in C++: the same int4 / int8 weight-only kernels,
+the small ops fused into loops, and paged attention read straight from the block pool
+(no gathered copy of the context). Python runs once per step: the embedding, this call,
+the final norm.
+
+What it takes (`fused_unsupported` says why not, and the engine then runs eager):
+- a Llama-family model on CPU whose decoder matmuls are all quantized (models/quant.py:
+  the GGUF's own Q4 codes, or quantize="int4"/"int8"), no q/k norm, no soft cap, no window;
+- a float KV pool (fp32/bf16; quantized pools and block top-k run eager);
+- per step: at most quant.GEMV_ROWS tokens (decode rows, short verification chunks; bigger
+  steps use the bf16 weight copy through oneDNN, eager) and no hidden-state capture.
+Each token reads its sequence's whole context (no cascade: a fork group's shared prefix is
+read once per row, which at <= 8 rows costs less than building the groups).
+
+The extension is compiled on first use with the machine's C++ compiler
+(torch.utils.cpp_extension, -O3 -march=native; ~40 s once, then cached in
+$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, keyed by source and CPU flags).
+`make setup` builds it. A build failure logs one line and the engine runs eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ttscale.attention.metadata import AttentionMetadata
+from ttscale.kvcache.pool import KVCache
+from ttscale.models.layers import Linear
+from ttscale.models.quant import GEMV_ROWS, Int4Weight, Int8Weight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "fused_decode.cpp"
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: -march=native code built on one CPU
+    may not run on another, so each gets its own build."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """The compiled extension, built on first call; None (with one log line) if it cannot
+    be built here (no compiler, no ninja, an unsupported platform)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"ttscale_fused_decode_{_cpu_tag()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # any build failure means: run eager
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        name = type(e).__name__
+        log.warning("fused decode step unavailable (%s: %s); running eager", name, first)
+        return None
+
+
+def fused_unsupported(model: torch.nn.Module, cache: KVCache) -> str | None:
+    """Why `model` over `cache` cannot run fused steps; None if it can."""
+    from ttscale.models.llama import LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-family decoder"
+    if cache.device.type != "cpu":
+        return f"device {cache.device} (the extension is CPU code)"
+    if cache.quantized or cache.key_means is not None:
+        return "a quantized KV pool or block top-k (their reads run eager)"
+    if cache.dtype not in (torch.float32, torch.bfloat16):
+        return f"KV pool dtype {cache.dtype}"
+    c = model.config
+    if c.head_dim % 16 or c.head_dim > 128 or c.num_attention_heads > 8 * c.num_key_value_heads:
+        return "head_dim not a multiple of 16 up to 128, or over 8 query heads per KV head"
+    if cache.block_size > 64:
+        return f"block_size {cache.block_size} > 64"
+    dtype = model.norm.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"model dtype {dtype}"
+    for spec in model.attention_specs:
+        if spec.sliding_window is not None or spec.soft_cap is not None:
+            return f"layer {spec.layer_idx} has a window or a soft cap"
+        if spec.sparsity is not None:
+            return f"layer {spec.layer_idx} is sparse"
+    for i, layer in enumerate(model.layers):
+        if layer.self_attn.q_norm is not None:
+            return "per-head q/k norms (Qwen3)"
+        for linear in _linears(layer):
+            if not isinstance(linear.qweight, (Int4Weight, Int8Weight)):
+                return f"layer {i} has float matmul weights (fused steps need quantized ones)"
+            if linear.bias is not None and linear is not layer.self_attn.qkv_proj:
+                return f"layer {i} has a bias outside q/k/v"
+    return None
+
+
+def _linears(layer: Any) -> list[Linear]:
+    return [
+        layer.self_attn.qkv_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_up_proj,
+        layer.mlp.down_proj,
+    ]
+
+
+class FusedDecode:
+    """The decoder stack of `model` as one C++ object over `cache`'s pools; `accepts` says
+    whether a step can run here, `__call__` runs it (embedding and final norm in Python)."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, ext: ModuleType) -> None:
+        self.model, self.cache = model, cache
+        c = model.config
+        spec = model.attention_specs[0]
+        self.stack = ext.DecodeStack(
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.hidden_size,
+            c.intermediate_size,
+            float(c.rms_norm_eps),
+            float(spec.scale),
+        )
+        dtype = model.norm.weight.dtype
+        for layer in model.layers:
+            operands = [self._operands(ext, linear, dtype) for linear in _linears(layer)]
+            self.stack.add_layer(
+                layer.input_layernorm.weight.detach().to(dtype),
+                layer.post_attention_layernorm.weight.detach().to(dtype),
+                operands,
+            )
+
+    @staticmethod
+    def _operands(ext: ModuleType, linear: Linear, dtype: torch.dtype) -> Any:
+        w = linear.qweight
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        if isinstance(w, Int4Weight):
+            return ext.make_linear(0, w.packed, w.scales_zeros, w.group_size, w.out_features, bias)
+        assert isinstance(w, Int8Weight)
+        return ext.make_linear(1, w.codes, w.scales, 0, w.out_features, bias)
+
+    @staticmethod
+    def accepts(meta: AttentionMetadata, capture: object | None) -> bool:
+        """Small steps without hidden-state capture or block top-k rows."""
+        if capture is not None or len(meta.slot_mapping) > GEMV_ROWS:
+            return False
+        return meta.kv_budgets is None or all(b is None for b in meta.kv_budgets)
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions: (T,) -> hidden states (T, hidden) after the final norm; the
+        layers' K/V are written into the cache at `meta.slot_mapping` as the eager path does."""
+        model = self.model
+        tables: list[list[int]] = []
+        for table, q_len in zip(meta.block_tables, meta.query_lens, strict=True):
+            tables += [table] * q_len
+        width = max(len(t) for t in tables)
+        table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        cos, sin = model.rotary._table(int(positions.max()) + 1, positions.device)
+        with torch.inference_mode():
+            x = model.embed_tokens(input_ids).contiguous()
+            x = self.stack.forward(
+                x,
+                table_t,
+                positions + 1,
+                meta.slot_mapping,
+                cos.index_select(0, positions),
+                sin.index_select(0, positions),
+                self.cache.k,
+                self.cache.v,
+                meta.block_size,
+            )
+            return model.norm(x)

@@ -1,0 +1,173 @@
+"""The fused decode step (models/fused.py, csrc/fused_decode.cpp): the same tokens and, within
+a stated tolerance, the same log-probabilities as the eager forward on the same quantized
+weights; steps it cannot take run eager; a failed build falls back to eager."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model, tiny_llm
+from ttscale.engine import model_runner
+from ttscale.models import fused
+from ttscale.sampling.params import SamplingParams
+
+# Both paths run the same int4 kernels on the same bf16 matmul inputs and round where the
+# other rounds; they differ in the order of fp32 sums (RMSNorm's, attention's dot products
+# and softmax). Most steps come out bit-identical; where a sum's last bit flips the bf16
+# rounding of a matmul input, the tiny model's wide (std 0.3) weights move a logprob by up
+# to ~0.02 (measured max 0.019 over these prompts, fp32 activations).
+LOGPROB_TOLERANCE = {torch.float32: 5e-2, torch.bfloat16: 0.15}
+
+_PROMPTS = [list(range(10, 80)), [5, 6, 7, 8, 9, 10, 11, 12] * 9]
+
+pytestmark = pytest.mark.skipif(
+    fused.load_extension() is None, reason="the C++ extension does not build here"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """Bias on q/k/v (the one bias the fused step takes)."""
+    path = tmp_path_factory.mktemp("qwen2")
+    make_tiny_model(path, "qwen2")
+    return path
+
+
+def _outputs(llm, params: SamplingParams, prompts=_PROMPTS):
+    return [c for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+
+def _compare(path: Path, dtype: str = "float32", **options) -> None:
+    ours = tiny_llm(path, quantize="int4", dtype=dtype, **options)
+    ref = tiny_llm(path, quantize="int4", dtype=dtype, fused=False, **options)
+    assert ours.engine.executor.fused is not None, ours.engine.executor.fused_off
+    assert ref.engine.executor.fused is None
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    a, b = _outputs(ours, params), _outputs(ref, params)
+    # fp32: the same greedy tokens. bf16: each side rounds intermediates its own way (torch's
+    # flash kernel rounds the softmax weights to bf16 before the PV product; the fused loop
+    # keeps them fp32), so a near-tie may go either way: the same tokens up to one, at least
+    # half of them.
+    same = [_common_prefix(x.token_ids, y.token_ids) for x, y in zip(a, b, strict=True)]
+    if dtype == "float32":
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    else:
+        assert min(same) >= params.max_tokens // 2, same
+    diff = max(
+        abs(x - y)
+        for ca, cb, n in zip(a, b, same, strict=True)
+        for x, y in zip(ca.logprobs[:n], cb.logprobs[:n], strict=True)
+    )
+    assert diff < LOGPROB_TOLERANCE[ours.engine.model.norm.weight.dtype]
+    # n = 3 forks of each prompt: 6-row steps over shared prefix blocks, copy-on-write.
+    # Greedy: a seeded sample at T > 0 may flip where the two differ by a rounding.
+    params = SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True)
+    x, y = _outputs(ours, params), _outputs(ref, params)
+    assert [_common_prefix(p.token_ids, q.token_ids) for p, q in zip(x, y, strict=True)] == [
+        12
+    ] * len(x) or dtype != "float32"
+    ours.engine.check_integrity()
+
+
+def test_fused_matches_eager(model_dir: Path) -> None:
+    _compare(model_dir)
+
+
+def test_fused_matches_eager_bf16_pool(model_dir: Path) -> None:
+    _compare(model_dir, kv_cache_dtype="bf16")
+
+
+def test_fused_matches_eager_bf16_activations(model_dir: Path) -> None:
+    _compare(model_dir, dtype="bfloat16")
+
+
+def test_fused_matches_eager_with_qkv_bias(qwen2_dir: Path) -> None:
+    _compare(qwen2_dir)
+
+
+class _Oracle:
+    """Drafts the next tokens of a known continuation: accepted, so chunks of several
+    tokens of one sequence are verified in one step."""
+
+    def __init__(self, text: list[int]) -> None:
+        self.text = text
+
+    def propose(self, seq_id: int, token_ids) -> list[int]:
+        n = len(token_ids)
+        return self.text[n : n + 3] if self.text[:n] == list(token_ids) else []
+
+
+def test_fused_verification_chunks(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speculative steps verify several tokens of one sequence (causal within the chunk):
+    greedy output is the non-speculative one, and the chunks ran fused."""
+    prompt = list(range(10, 80))
+    ref = tiny_llm(model_dir, quantize="int4", fused=False)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    expected = _outputs(ref, params, [prompt])[0]
+    ours = tiny_llm(model_dir, quantize="int4", proposer=_Oracle(prompt + expected.token_ids))
+    chunks: list[int] = []
+    call = fused.FusedDecode.__call__
+
+    def counted(self, ids, positions, meta):
+        chunks.extend(meta.query_lens)
+        return call(self, ids, positions, meta)
+
+    monkeypatch.setattr(fused.FusedDecode, "__call__", counted)
+    got = _outputs(ours, params, [prompt])[0]
+    assert got.token_ids == expected.token_ids
+    assert max(abs(a - b) for a, b in zip(got.logprobs, expected.logprobs, strict=True)) < 5e-2
+    assert max(chunks) == 4  # one sampled token and three drafts per verifying step
+
+
+def test_steps_it_cannot_take_run_eager(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float weights: no fused step (said why). Quantized weights: prefill (over GEMV_ROWS
+    tokens) and hidden-state capture run eager, decode runs fused."""
+    plain = tiny_llm(model_dir)
+    assert plain.engine.executor.fused is None
+    assert "float matmul weights" in plain.engine.executor.fused_off
+    sparse = tiny_llm(
+        model_dir, quantize="int4", sparse_attention="block_topk", kv_budget=32, sparse_window=8
+    )
+    assert sparse.engine.executor.fused is None
+    llm = tiny_llm(model_dir, quantize="int4")
+    calls: list[int] = []
+    call = fused.FusedDecode.__call__
+
+    def counted(self, ids, positions, meta):
+        calls.append(ids.shape[0])
+        return call(self, ids, positions, meta)
+
+    monkeypatch.setattr(fused.FusedDecode, "__call__", counted)
+    _outputs(llm, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert calls == [2, 2, 2, 2]  # the 4 decode steps of both prompts; never the prefill
+
+
+def test_build_failure_falls_back_to_eager(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch.utils.cpp_extension as cpp
+
+    def broken(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setattr(model_runner, "load_extension", fused.load_extension.__wrapped__)
+    with caplog.at_level(logging.WARNING, logger="ttscale.models.fused"):
+        llm = tiny_llm(model_dir, quantize="int4")
+    assert llm.engine.executor.fused is None
+    assert "did not build" in llm.engine.executor.fused_off
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused decode step unavailable (RuntimeError: Ninja is required to load C++ "
+        "extensions); running eager"
+    ]
+    out = _outputs(llm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert all(len(c.token_ids) == 4 for c in out)
