@@ -43,9 +43,19 @@ import peers
 # ttscale: weights dequantized to fp32 (quantize="none"), as transformers does; ttscale-bf16:
 # to bf16 (native bf16 matmuls on AVX512-BF16 / AMX CPUs); ttscale-int4: the GGUF's own
 # quantization (quantize="native": Q4_1 on the int4 kernel, the Q8_0 head on the int8 one);
-# ttscale-lookup: ttscale-int4 plus prompt-lookup speculation.
-ENGINES = ("ttscale", "ttscale-bf16", "ttscale-int4", "ttscale-lookup", "transformers", "llamacpp")
-OURS = ("ttscale", "ttscale-bf16", "ttscale-int4", "ttscale-lookup")
+# ttscale-lookup: ttscale-int4 plus prompt-lookup speculation. ttscale-int4 runs small steps
+# through the fused C++ decode step (the default, models/fused.py); ttscale-int4-eager is the
+# same weights with LLM(fused=False), the per-op Python forward.
+ENGINES = (
+    "ttscale",
+    "ttscale-bf16",
+    "ttscale-int4",
+    "ttscale-int4-eager",
+    "ttscale-lookup",
+    "transformers",
+    "llamacpp",
+)
+OURS = ("ttscale", "ttscale-bf16", "ttscale-int4", "ttscale-int4-eager", "ttscale-lookup")
 WORKLOADS = ("single", "parallel", "prefill", "copy")
 LOOKUP_TOKENS = 4  # drafts per step of ttscale-lookup (the int4 kernel's cost grows per row)
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +94,7 @@ def run_ttscale(spec: dict[str, Any]) -> dict[str, Any]:
         quantize=spec.get("quantize", "none"),
         speculative=spec.get("speculative"),
         num_speculative_tokens=LOOKUP_TOKENS,
+        fused=spec.get("fused", True),
     )
     results: dict[str, Any] = {"load_s": time.perf_counter() - t0}
     single, parallel, prefill, copy = (
@@ -196,6 +207,7 @@ RUNNERS = {
     "ttscale": run_ttscale,
     "ttscale-bf16": lambda spec: run_ttscale({**spec, "dtype": "bfloat16"}),
     "ttscale-int4": lambda spec: run_ttscale({**spec, "quantize": "native"}),
+    "ttscale-int4-eager": lambda spec: run_ttscale({**spec, "quantize": "native", "fused": False}),
     "ttscale-lookup": lambda spec: run_ttscale(
         {**spec, "quantize": "native", "speculative": "prompt_lookup"}
     ),
@@ -534,6 +546,9 @@ def print_table(table: list[dict[str, Any]], engines: list[str]) -> None:
         "ttscale-bf16/transformers": "bf16/transf.",
         "ttscale-int4/llamacpp": "int4/llama.cpp",
         "ttscale-int4/transformers": "int4/transf.",
+        "ttscale-int4-eager": "int4-eager",
+        "ttscale-int4-eager/llamacpp": "eager/llama.cpp",
+        "ttscale-int4-eager/transformers": "eager/transf.",
         "ttscale-lookup/llamacpp": "lookup/llama.cpp",
         "ttscale-lookup/transformers": "lookup/transf.",
     }

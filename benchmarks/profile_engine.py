@@ -1,8 +1,8 @@
 """Where an engine step's time goes: matmul kernels, attention, and the overhead around them.
 
-    python benchmarks/profile_engine.py --n 1 --tokens 64                  # eager, default GGUF
-    python benchmarks/profile_engine.py --n 1 --tokens 64 --compare        # eager and compiled
-    python benchmarks/profile_engine.py --n 64 --tokens 40 --quantize none # fp32 weights
+    python benchmarks/profile_engine.py --n 1 --tokens 64                  # eager and fused
+    python benchmarks/profile_engine.py --n 1 --modes eager,fused,compiled # and torch.compile
+    python benchmarks/profile_engine.py --n 64 --tokens 40 --quantize none --modes eager
 
 Runs n samples of a 150-token prompt on the embedded model (quantize auto by default) and
 times the decode steps after the first: plain (ms/step as the engine runs, best of
@@ -11,8 +11,11 @@ times the decode steps after the first: plain (ms/step as the engine runs, best 
 `record_function`). Overhead = profiled ms/step - matmuls - attention, all from the profiled
 run: norms, RoPE, residuals, casts, Python, batch building, sampling. The profiler's own cost
 (per op) inflates eager overhead more than compiled; compare plain ms/step too.
-`--compare` does the same with `compile=True` in the same process (compiling first, timed),
-so the two rows share the machine's load.
+Modes, each its own engine in the same process (so the rows share the machine's load):
+`eager` (LLM(fused=False): the per-op Python forward), `fused` (the default: small steps of
+a quantized model in one C++ call, models/fused.py; its layers are one opaque call, so the
+profile splits out only the LM head's matmul and sampling; its "overhead" holds the fused
+loops and attention), `compiled` (compile=True, fused=False; compiling first, timed).
 """
 
 from __future__ import annotations
@@ -111,20 +114,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantize", default="auto")
-    ap.add_argument("--compile", action="store_true", help="only compile=True")
-    ap.add_argument("--compare", action="store_true", help="eager, then compile=True")
+    ap.add_argument("--modes", default="eager,fused", help="comma list: eager, fused, compiled")
+    ap.add_argument(
+        "--compare", action="store_true", help="--modes eager,compiled (older docs' commands)"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="plain runs (best is kept)")
     ap.add_argument("--table", action="store_true", help="print the top ops")
     ap.add_argument("--rows", type=int, default=15, help="ops to list")
     args = ap.parse_args()
     _label_attention("fast")
-    modes = [False, True] if args.compare else [args.compile]
+    options = {
+        "eager": {"fused": False},
+        "fused": {"fused": True},
+        "compiled": {"fused": False, "compile": True},
+    }
     results = {}
-    for compiled in modes:
-        label = "compiled" if compiled else "eager"
+    for label in ("eager,compiled" if args.compare else args.modes).split(","):
+        if label not in options:
+            raise SystemExit(f"unknown mode {label!r}: choose from {', '.join(options)}")
         t0 = time.perf_counter()
         llm = LLM(
-            num_threads=args.threads, dtype=args.dtype, quantize=args.quantize, compile=compiled
+            num_threads=args.threads, dtype=args.dtype, quantize=args.quantize, **options[label]
         )
         load = time.perf_counter() - t0
         results[label] = {"load s": load, **measure(llm, args, label)}

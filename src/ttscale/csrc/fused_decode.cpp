@@ -336,9 +336,11 @@ class DecodeStack {
       // Attention: every token's KV heads, each over its own context.
       BFloat16* ap = attn_out.data_ptr<BFloat16>();
       const float* qp = q.data_ptr<float>();
+      // KV-head-major: the rows of one head run back to back, so a prefix they share
+      // (forked samples) is still in cache when the next row reads it.
       at::parallel_for(0, n_tokens * kvh, grain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t t = i / kvh, hk = i % kvh;
+          const int64_t hk = i / n_tokens, t = i % n_tokens;
           attend<T, P>(qp + (t * h + hk * g) * d, k_pool, v_pool, tab + t * max_blocks, ctx[t],
                        block_size, kvh, hk, g, d, scale_, ap + (t * h + hk * g) * d);
         }
