@@ -27,6 +27,20 @@ Deterministic allocation order (tests rely on it)
    as possible: the pool is allocated uninitialized, so a never-used block costs a page fault
    on first write, and a recently used one is likely still in cache. (A FIFO queue walked the
    whole pool before reusing anything: every long run touched every page.)
+5. With ``reuse_cached_first`` (off by default), step 3 comes before step 2 whenever the
+   free queue's head is a never-used block: the least-recently-freed evictable block is taken
+   before the pool grows into untouched pages. Freed (touched) blocks still come first.
+
+Resident memory of the pool
+---------------------------
+By 2 and 4, touched free blocks always come before never-used ones, so the pool's touched
+blocks (its resident pages) grow only when no touched block is free: at any time they number
+the peak of ``used + evictable`` so far. With prefix caching every full block a finished
+sequence leaves behind stays cached (evictable) until the free queue runs dry, so a long run
+grows the resident pool up to its whole size, the cache with it (docs/PERF_RSS.md measures a
+benchmark run: 794 blocks touched for a peak of 584 in use). ``reuse_cached_first`` bounds
+the touched blocks by the peak in use instead, at the cost of a prefix cache that keeps only
+what fits beside the working set in those blocks. ``stats()["touched"]`` counts them.
 
 Prefix caching
 --------------
@@ -78,6 +92,8 @@ class BlockManager:
     num_blocks: int
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # Evict a cached block rather than take a never-used one (see "Resident memory" above).
+    reuse_cached_first: bool = False
 
     # Per-block state, indexed by block id.
     _ref: list[int] = field(init=False, repr=False)
@@ -101,6 +117,9 @@ class BlockManager:
     _hit_tokens: int = field(init=False, repr=False)
     _evictions: int = field(init=False, repr=False)
     _cow_copies: int = field(init=False, repr=False)
+    # Blocks >= this id were never allocated (the initial free queue hands them out in order,
+    # after every touched free block).
+    _fresh: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1:
@@ -122,6 +141,7 @@ class BlockManager:
         self._hit_tokens = 0
         self._evictions = 0
         self._cow_copies = 0
+        self._fresh = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -218,6 +238,7 @@ class BlockManager:
             "evictable": len(self._evictable),
             "cached": len(self._cache),
             "peak": self._peak,
+            "touched": self._fresh,
             "num_seqs": len(self._tables),
             "prefix_query_tokens": q,
             "prefix_hit_tokens": self._hit_tokens,
@@ -444,6 +465,14 @@ class BlockManager:
             raise AssertionError(f"used counter {self._used} != {len(used_set)} referenced blocks")
         if self._peak < self._used:
             raise AssertionError(f"peak {self._peak} < used {self._used}")
+        fresh = list(range(self._fresh, nb))
+        if (
+            len(self._free) < len(fresh)
+            or list(self._free)[len(self._free) - len(fresh) :] != fresh
+        ):
+            raise AssertionError(
+                f"never-used blocks {self._fresh}..{nb - 1} are not the free queue's tail"
+            )
         for b in free_set:
             if self._key[b] is not None:
                 raise AssertionError(f"free block {b} is still hashed")
@@ -476,9 +505,13 @@ class BlockManager:
         return self._ref[tail] > 1 or self._key[tail] is not None
 
     def _alloc(self) -> int:
-        """Pop a block (free-queue head, else oldest evictable) and give it ref 1."""
-        if self._free:
-            b = self._free.popleft()
+        """Pop a block (free-queue head, else oldest evictable; with ``reuse_cached_first`` the
+        oldest evictable before a never-used one) and give it ref 1."""
+        free = self._free
+        if free and not (self.reuse_cached_first and self._evictable and free[0] >= self._fresh):
+            b = free.popleft()
+            if b >= self._fresh:
+                self._fresh = b + 1
         else:
             # Caller checked availability, so the LRU is non-empty here.
             b, _ = self._evictable.popitem(last=False)
