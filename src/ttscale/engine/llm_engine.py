@@ -68,7 +68,10 @@ class LLMEngine:
         self.proposer = proposer
         self.cache_config = cache_config
         self.block_manager = BlockManager(
-            self.executor.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            self.executor.num_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            reuse_cached_first=cache_config.evict_before_growing,
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()

@@ -52,6 +52,11 @@ class CacheConfig:
     kv_cache_memory_fraction: float = 0.25
     kv_cache_max_gb_default: float = 2.0  # cap of the fraction rule on CPU, where RAM is shared
     enable_prefix_caching: bool = True
+    # Take the least recently used cached block before a never-used one, so the pool's
+    # resident pages (an untouched block costs no memory) stay at the peak working set;
+    # False keeps every cached prefix until the pool is full, up to kv_cache_gb resident
+    # (engine/block_manager.py, "Resident memory of the pool"; docs/PERF_RSS.md).
+    evict_before_growing: bool = True
     attention: str = "fast"  # a name in attention.registry: "fast" | "reference"
     # The pool's element format, independent of the weights: "auto" = the weights' dtype,
     # a float dtype, or a quantized format ("int8"). A smaller format holds more blocks in
