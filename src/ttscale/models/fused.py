@@ -43,6 +43,10 @@ from ttscale.models.quant import GEMV_ROWS, Int4Weight, Int8Weight
 
 log = logging.getLogger(__name__)
 
+# The most tokens a fused step takes. Beyond, steps are prefill chunks: matmul-bound, where
+# the eager forward's per-op overhead is small against the matmuls.
+MAX_ROWS = 64
+
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "fused_decode.cpp"
 
 
@@ -110,11 +114,34 @@ def fused_unsupported(model: torch.nn.Module, cache: KVCache) -> str | None:
         if layer.self_attn.q_norm is not None:
             return "per-head q/k norms (Qwen3)"
         for linear in _linears(layer):
-            if not isinstance(linear.qweight, (Int4Weight, Int8Weight)):
-                return f"layer {i} has float matmul weights (fused steps need quantized ones)"
+            if _kind(linear) is None:
+                return (
+                    f"layer {i} has fp32 matmul weights (fused steps take quantized or bf16 "
+                    "ones: a quantized model, or dtype='bfloat16')"
+                )
             if linear.bias is not None and linear is not layer.self_attn.qkv_proj:
                 return f"layer {i} has a bias outside q/k/v"
     return None
+
+
+def _kind(linear: Linear) -> int | None:
+    """The extension's kernel for a Linear: 0 int4, 1 int8 (each with its oneDNN bf16 copy
+    for steps over GEMV_ROWS rows, when kept), 2 a bf16 weight packed for oneDNN; None: none
+    fits (an fp32 weight: the loops hand the matmuls bf16 activations)."""
+    if isinstance(linear.qweight, Int4Weight):
+        return 0
+    if isinstance(linear.qweight, Int8Weight):
+        return 1
+    if linear.packed is not None and linear.packed.dtype == torch.bfloat16:
+        return 2
+    return None
+
+
+def _dense(linear: Linear) -> torch.Tensor | None:
+    """The oneDNN-packed bf16 weight of a Linear, if it has one."""
+    if linear.qweight is not None:
+        return linear.qweight.dense
+    return linear.packed
 
 
 def _linears(layer: Any) -> list[Linear]:
@@ -142,8 +169,13 @@ class FusedDecode:
             c.intermediate_size,
             float(c.rms_norm_eps),
             float(spec.scale),
+            GEMV_ROWS,
         )
         dtype = model.norm.weight.dtype
+        linears = [linear for layer in model.layers for linear in _linears(layer)]
+        # Steps over GEMV_ROWS rows need every matmul's oneDNN copy (quantize keeps one
+        # unless memory was asked for: quant._WithDense).
+        self.max_rows = MAX_ROWS if all(_dense(x) is not None for x in linears) else GEMV_ROWS
         for layer in model.layers:
             operands = [self._operands(ext, linear, dtype) for linear in _linears(layer)]
             self.stack.add_layer(
@@ -154,17 +186,20 @@ class FusedDecode:
 
     @staticmethod
     def _operands(ext: ModuleType, linear: Linear, dtype: torch.dtype) -> Any:
-        w = linear.qweight
+        w, kind, dense = linear.qweight, _kind(linear), _dense(linear)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         if isinstance(w, Int4Weight):
-            return ext.make_linear(0, w.packed, w.scales_zeros, w.group_size, w.out_features, bias)
-        assert isinstance(w, Int8Weight)
-        return ext.make_linear(1, w.codes, w.scales, 0, w.out_features, bias)
+            return ext.make_linear(
+                kind, w.packed, w.scales_zeros, w.group_size, w.out_features, bias, dense
+            )
+        if isinstance(w, Int8Weight):
+            return ext.make_linear(kind, w.codes, w.scales, 0, w.out_features, bias, dense)
+        empty = torch.empty(0)
+        return ext.make_linear(kind, empty, empty, 0, linear.out_features, bias, dense)
 
-    @staticmethod
-    def accepts(meta: AttentionMetadata, capture: object | None) -> bool:
-        """Small steps without hidden-state capture or block top-k rows."""
-        if capture is not None or len(meta.slot_mapping) > GEMV_ROWS:
+    def accepts(self, meta: AttentionMetadata, capture: object | None) -> bool:
+        """Steps of at most `max_rows` tokens without hidden-state capture or block top-k."""
+        if capture is not None or len(meta.slot_mapping) > self.max_rows:
             return False
         return meta.kv_budgets is None or all(b is None for b in meta.kv_budgets)
 
