@@ -86,6 +86,26 @@ def test_fused_matches_eager_bf16_pool(model_dir: Path) -> None:
     _compare(model_dir, kv_cache_dtype="bf16")
 
 
+def test_fused_matches_eager_int8_pool(model_dir: Path) -> None:
+    _compare(model_dir, kv_cache_dtype="int8")
+
+
+def test_fused_matches_eager_block_topk(model_dir: Path) -> None:
+    """Block top-k with a budget well below the prompts (70-72 tokens): decode rows read
+    the sink, an 8-token window, the current block and 4 chosen blocks of 4 tokens."""
+    _compare(model_dir, sparse_attention="block_topk", kv_budget=32, sparse_window=8)
+
+
+def test_fused_matches_eager_block_topk_int8(model_dir: Path) -> None:
+    _compare(
+        model_dir,
+        kv_cache_dtype="int8",
+        sparse_attention="block_topk",
+        kv_budget=32,
+        sparse_window=8,
+    )
+
+
 def test_fused_matches_eager_bf16_activations(model_dir: Path) -> None:
     _compare(model_dir, dtype="bfloat16")
 
@@ -133,16 +153,18 @@ def test_fused_verification_chunks(model_dir: Path, monkeypatch: pytest.MonkeyPa
     assert max(chunks) == 4  # one sampled token and three drafts per verifying step
 
 
-def test_steps_it_cannot_take_run_eager(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Float weights: no fused step (said why). Quantized weights: prefill (over GEMV_ROWS
-    tokens) and hidden-state capture run eager, decode runs fused."""
+def test_steps_it_cannot_take_run_eager(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 weights or a kivi pool: no fused step (said why). Quantized weights: prefill (over
+    MAX_ROWS tokens) runs eager, decode runs fused."""
     plain = tiny_llm(model_dir)
     assert plain.engine.executor.fused is None
     assert "fp32 matmul weights" in plain.engine.executor.fused_off
-    sparse = tiny_llm(
-        model_dir, quantize="int4", sparse_attention="block_topk", kv_budget=32, sparse_window=8
-    )
-    assert sparse.engine.executor.fused is None
+    make_tiny_model(tmp_path, num_attention_heads=2, num_key_value_heads=1)  # head_dim 32
+    kivi = tiny_llm(tmp_path, quantize="int4", kv_cache_dtype="kivi4")
+    assert kivi.engine.executor.fused is None
+    assert "KiviKVCache" in kivi.engine.executor.fused_off
     llm = tiny_llm(model_dir, quantize="int4")
     calls: list[int] = []
     call = fused.FusedDecode.__call__

@@ -7,6 +7,11 @@
 // per-layer work is four matmul kernel calls (torch's int4 / int8 weight-only CPU kernels,
 // the same the eager path uses) and six fused loops.
 //
+// The KV pool may be float (fp32 / bf16) or int8 with a scale per (token, KV head)
+// (kvcache/quant.py's Int8KVCache), and layers may read block top-k (attention/sparse.py's
+// selection: sink block, local window, current block, the best-scoring blocks by their mean
+// key), so the Kinetics memory path runs fused too.
+//
 // Numerics follow the eager path (models/llama.py, models/layers.py) op by op: the residual
 // stream, norms, RoPE and SiLU-mul are rounded to the model's dtype T where eager rounds
 // them, the matmuls take bf16 activations, attention accumulates in fp32. Sums run in
@@ -17,6 +22,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -102,47 +108,15 @@ void add_residual(T* x, const BFloat16* delta, int64_t n) {
   }
 }
 
-// One token's q (into q_out, fp32 holding T-rounded values) and k (into the pool) with RoPE
-// applied, v copied into the pool. qkv: the bf16 matmul row (+ bias in T); cos/sin: the
-// rotary table's row at this token's position; buf: n_heads + 2 * n_kv_heads heads of floats.
-template <typename T, typename P>
-void rope_and_store(
-    const BFloat16* qkv, const T* bias, const float* cos, const float* sin, int64_t n_heads,
-    int64_t n_kv_heads, int64_t d, float* q_out, P* k_slot, P* v_slot, std::vector<float>& buf) {
-  const int64_t heads = n_heads + 2 * n_kv_heads, half = d / 2;
-  buf.resize(static_cast<size_t>(heads * d + 2 * d));
-  float* x = buf.data();
-  for (int64_t i = 0; i < heads * d; ++i) {
-    const float v = to_f(qkv[i]);  // bf16 -> T is exact for T in {fp32, bf16}
-    x[i] = bias != nullptr ? round_to<T>(v + to_f(bias[i])) : v;
-  }
-  float* c = x + heads * d;  // cos/sin in T, as eager casts the table rows
-  float* sn = c + d;
-  for (int64_t i = 0; i < d; ++i) {
-    c[i] = round_to<T>(cos[i]);
-    sn[i] = round_to<T>(sin[i]);
-  }
-  // rotate_half(x) = cat(-x[half:], x[:half]); y = T(T(x * cos) + T(rotate_half(x) * sin)).
-  auto rotate = [&](const float* a, auto* out) {
-    using O = std::remove_pointer_t<decltype(out)>;
-    for (int64_t i = 0; i < half; ++i) {
-      const float lo = round_to<T>(round_to<T>(a[i] * c[i]) + round_to<T>(-a[i + half] * sn[i]));
-      const float hi = round_to<T>(
-          round_to<T>(a[i + half] * c[i + half]) + round_to<T>(a[i] * sn[i + half]));
-      out[i] = static_cast<O>(lo);
-      out[i + half] = static_cast<O>(hi);
-    }
-  };
-  for (int64_t h = 0; h < n_heads; ++h) rotate(x + h * d, q_out + h * d);
-  for (int64_t h = 0; h < n_kv_heads; ++h) rotate(x + (n_heads + h) * d, k_slot + h * d);
-  const float* v = x + (n_heads + n_kv_heads) * d;
-  for (int64_t i = 0; i < n_kv_heads * d; ++i) v_slot[i] = static_cast<P>(v[i]);
-}
-
 // 16 floats: GCC/Clang vector extensions, lowered to AVX-512 (or split to AVX2/SSE) by the
 // compiler; head_dim must be a multiple of 16 (checked in Python).
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
+constexpr int kMaxGroup = 8;   // query heads per KV head the fast loop keeps in registers
+constexpr int kMaxChunks = 8;  // head_dim / 16 (head_dim <= 128)
+constexpr int kMaxBlock = 64;  // block_size (a multiple of 16 lanes)
+
+inline v16 splat(float x) { return v16{} + x; }
 
 inline v16 load16(const float* p) {
   v16 v;
@@ -161,6 +135,13 @@ inline v16 load16(const BFloat16* p) {
   return v;
 }
 
+inline v16 load16(const int8_t* p) {
+  typedef int8_t i8x16 __attribute__((vector_size(16)));
+  i8x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return __builtin_convertvector(raw, v16);
+}
+
 inline float hsum(v16 v) {  // a shuffle tree: 4 adds, not 15 scalar ones
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
@@ -169,8 +150,6 @@ inline float hsum(v16 v) {  // a shuffle tree: 4 adds, not 15 scalar ones
   const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
-
-inline v16 splat(float x) { return v16{} + x; }
 
 // exp of 16 floats <= 0 (softmax arguments): 2^(x log2 e) split into 2^n (exponent bits)
 // times 2^f, f in [-0.5, 0.5], by its Taylor polynomial of degree 6 (relative error < 2e-7,
@@ -195,39 +174,182 @@ inline v16 vexp(v16 x) {
   return tiny ? splat(0.f) : p * scale;
 }
 
-constexpr int kMaxGroup = 8;   // query heads per KV head the fast loop keeps in registers
-constexpr int kMaxChunks = 8;  // head_dim / 16 (head_dim <= 128)
-constexpr int kMaxBlock = 64;  // block_size (a multiple of 16 lanes)
+// One layer of a float KV pool (P = float or bf16): rows (slot, KV head, d).
+template <typename P>
+struct FloatPool {
+  P* k;
+  P* v;
+  int64_t kvh, d;
 
-// Softmax attention of one token's g query heads of one KV head over its context, read from
-// the pool block by block through the block table, one pass with an online softmax
-// (flash-decoding's recurrence): keys and values of a block are read together, once.
-// q: (g, d) fp32; out: (g, d) bf16 holding T-rounded values.
-template <typename T, typename P, typename O>
+  const P* key_row(int64_t slot, int64_t head) const { return k + (slot * kvh + head) * d; }
+  const P* value_row(int64_t slot, int64_t head) const { return v + (slot * kvh + head) * d; }
+  void key(int64_t slot, int64_t head, v16* out) const {
+    for (int64_t c = 0; c < d / kLanes; ++c) out[c] = load16(key_row(slot, head) + c * kLanes);
+  }
+  void value(int64_t slot, int64_t head, v16* out) const {
+    for (int64_t c = 0; c < d / kLanes; ++c) out[c] = load16(value_row(slot, head) + c * kLanes);
+  }
+  // Stores one token's (kvh, d) keys and values, given as floats.
+  void store(int64_t slot, const float* keys, const float* values) {
+    for (int64_t i = 0; i < kvh * d; ++i) {
+      k[slot * kvh * d + i] = static_cast<P>(keys[i]);
+      v[slot * kvh * d + i] = static_cast<P>(values[i]);
+    }
+  }
+};
+
+// One layer of an int8 KV pool: codes (slot, KV head, d), one fp32 scale per (slot, KV head);
+// x = code * scale, code = round(x / scale), scale = max|x| / 127 (kvcache/quant.py).
+struct Int8Pool {
+  int8_t* k;
+  int8_t* v;
+  float* k_scale;
+  float* v_scale;
+  int64_t kvh, d;
+
+  static void read(const int8_t* codes, float scale, int64_t d, v16* out) {
+    for (int64_t c = 0; c < d / kLanes; ++c) out[c] = load16(codes + c * kLanes) * scale;
+  }
+  void key(int64_t slot, int64_t head, v16* out) const {
+    read(k + (slot * kvh + head) * d, k_scale[slot * kvh + head], d, out);
+  }
+  void value(int64_t slot, int64_t head, v16* out) const {
+    read(v + (slot * kvh + head) * d, v_scale[slot * kvh + head], d, out);
+  }
+  static void quantize(const float* x, int64_t d, int8_t* codes, float* scale) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = std::max(amax, 1e-12f) / 127.f;
+    for (int64_t i = 0; i < d; ++i) {
+      // x / s rounded half to even (torch.round), as eager quantize_int8.
+      const float q = std::nearbyint(x[i] / s);
+      codes[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+    }
+    *scale = s;
+  }
+  void store(int64_t slot, const float* keys, const float* values) {
+    for (int64_t h = 0; h < kvh; ++h) {
+      quantize(keys + h * d, d, k + (slot * kvh + h) * d, k_scale + slot * kvh + h);
+      quantize(values + h * d, d, v + (slot * kvh + h) * d, v_scale + slot * kvh + h);
+    }
+  }
+};
+
+// One token's q (into q_out, fp32 holding T-rounded values) and k, v (into kv_out, fp32:
+// n_kv_heads heads each) with RoPE applied to q and k. qkv: the bf16 matmul row (+ bias in
+// T); cos/sin: the rotary table's row at this token's position; buf: scratch.
+template <typename T>
+void rope(
+    const BFloat16* qkv, const T* bias, const float* cos, const float* sin, int64_t n_heads,
+    int64_t n_kv_heads, int64_t d, float* q_out, float* kv_out, std::vector<float>& buf) {
+  const int64_t heads = n_heads + 2 * n_kv_heads, half = d / 2;
+  buf.resize(static_cast<size_t>(heads * d + 2 * d));
+  float* x = buf.data();
+  for (int64_t i = 0; i < heads * d; ++i) {
+    const float v = to_f(qkv[i]);  // bf16 -> T is exact for T in {fp32, bf16}
+    x[i] = bias != nullptr ? round_to<T>(v + to_f(bias[i])) : v;
+  }
+  float* c = x + heads * d;  // cos/sin in T, as eager casts the table rows
+  float* sn = c + d;
+  for (int64_t i = 0; i < d; ++i) {
+    c[i] = round_to<T>(cos[i]);
+    sn[i] = round_to<T>(sin[i]);
+  }
+  // rotate_half(x) = cat(-x[half:], x[:half]); y = T(T(x * cos) + T(rotate_half(x) * sin)).
+  auto rotate = [&](const float* a, float* out) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float lo = round_to<T>(round_to<T>(a[i] * c[i]) + round_to<T>(-a[i + half] * sn[i]));
+      const float hi = round_to<T>(
+          round_to<T>(a[i + half] * c[i + half]) + round_to<T>(a[i] * sn[i + half]));
+      out[i] = lo;
+      out[i + half] = hi;
+    }
+  };
+  for (int64_t h = 0; h < n_heads; ++h) rotate(x + h * d, q_out + h * d);
+  for (int64_t h = 0; h < n_kv_heads; ++h) rotate(x + (n_heads + h) * d, kv_out + h * d);
+  std::memcpy(kv_out + n_kv_heads * d, x + (n_heads + n_kv_heads) * d,
+              sizeof(float) * n_kv_heads * d);
+}
+
+// The mean (dequantized) key of each KV head of a block whose last slot was just written:
+// block top-k's block score reads it (KVCache.key_means, fp32 (blocks, kvh, d)).
+template <typename Pool>
+void update_key_mean(const Pool& pool, int64_t block, int64_t block_size, float* means) {
+  const int64_t chunks = pool.d / kLanes;
+  for (int64_t h = 0; h < pool.kvh; ++h) {
+    v16 sum[kMaxChunks], key[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) sum[c] = splat(0.f);
+    for (int64_t j = 0; j < block_size; ++j) {
+      pool.key(block * block_size + j, h, key);
+      for (int64_t c = 0; c < chunks; ++c) sum[c] += key[c];
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const v16 mean = sum[c] / static_cast<float>(block_size);
+      std::memcpy(means + (block * pool.kvh + h) * pool.d + c * kLanes, &mean, sizeof(mean));
+    }
+  }
+}
+
+// The logical blocks one row and KV head reads under block top-k (attention/sparse.py's
+// select_blocks): the first block, the last window_blocks + 1 (local window and current
+// block) always; of the rest, the best by (mean of the head's g queries) . (block mean key),
+// up to `keep` blocks in all. q: (g, d); means: the layer's (blocks, kvh, d) mean keys.
+inline void select_blocks(
+    const float* q, int64_t g, int64_t d, const float* means, int64_t kvh, int64_t head,
+    const int64_t* table, int64_t n_blocks, int64_t keep, int64_t window_blocks,
+    std::vector<std::pair<float, int64_t>>& scored, std::vector<int64_t>& out) {
+  out.clear();
+  scored.clear();
+  const int64_t chunks = d / kLanes;
+  v16 qm[kMaxChunks];
+  for (int64_t c = 0; c < chunks; ++c) {
+    qm[c] = splat(0.f);
+    for (int64_t h = 0; h < g; ++h) qm[c] += load16(q + h * d + c * kLanes);
+    qm[c] /= static_cast<float>(g);
+  }
+  for (int64_t n = 0; n < n_blocks; ++n) {
+    if (n == 0 || n >= n_blocks - 1 - window_blocks) {
+      out.push_back(n);
+      continue;
+    }
+    const float* mk = means + (table[n] * kvh + head) * d;
+    v16 dot = qm[0] * load16(mk);
+    for (int64_t c = 1; c < chunks; ++c) dot += qm[c] * load16(mk + c * kLanes);
+    scored.emplace_back(hsum(dot), n);
+  }
+  const int64_t extra = std::max<int64_t>(0, std::min<int64_t>(keep - out.size(), scored.size()));
+  std::partial_sort(scored.begin(), scored.begin() + extra, scored.end(),
+                    [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (int64_t i = 0; i < extra; ++i) out.push_back(scored[i].second);
+}
+
+// Softmax attention of one token's g query heads of one KV head over the listed logical
+// blocks of its context, read from the pool through the block table, one pass with an
+// online softmax (flash-decoding's recurrence): keys and values of a block are read
+// together, once. q: (g, d) fp32; out: (g, d) holding T-rounded values.
+template <typename T, typename Pool, typename O>
 void attend(
-    const float* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t ctx,
-    int64_t block_size, int64_t n_kv_heads, int64_t kv_head, int64_t g, int64_t d, float scale,
-    O* out) {
-  const int64_t chunks = d / kLanes, row = n_kv_heads * d;
+    const float* q, const Pool& pool, const int64_t* table, int64_t ctx, const int64_t* blocks,
+    int64_t n_blocks, int64_t block_size, int64_t kv_head, int64_t g, float scale, O* out) {
+  const int64_t d = pool.d, chunks = d / kLanes;
   v16 qv[kMaxGroup][kMaxChunks], acc[kMaxGroup][kMaxChunks];
   float m[kMaxGroup], total[kMaxGroup];
   alignas(64) float s[kMaxGroup][kMaxBlock] = {};
   for (int64_t h = 0; h < g; ++h) {
     for (int64_t c = 0; c < chunks; ++c) {
       qv[h][c] = load16(q + h * d + c * kLanes) * scale;
-      acc[h][c] = v16{} * 0.f;
+      acc[h][c] = splat(0.f);
     }
     m[h] = -INFINITY;
     total[h] = 0.f;
   }
-  for (int64_t start = 0; start < ctx; start += block_size) {
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t start = blocks[b] * block_size;
     const int64_t n = std::min(block_size, ctx - start);
-    const int64_t base = (table[start / block_size] * block_size) * row + kv_head * d;
-    const P* kb = k_pool + base;
-    const P* vb = v_pool + base;
+    const int64_t base = table[blocks[b]] * block_size;
     for (int64_t j = 0; j < n; ++j) {
       v16 kc[kMaxChunks];
-      for (int64_t c = 0; c < chunks; ++c) kc[c] = load16(kb + j * row + c * kLanes);
+      pool.key(base + j, kv_head, kc);
       for (int64_t h = 0; h < g; ++h) {
         v16 dot = qv[h][0] * kc[0];
         for (int64_t c = 1; c < chunks; ++c) dot += qv[h][c] * kc[c];
@@ -250,7 +372,7 @@ void attend(
     }
     for (int64_t j = 0; j < n; ++j) {
       v16 vc[kMaxChunks];
-      for (int64_t c = 0; c < chunks; ++c) vc[c] = load16(vb + j * row + c * kLanes);
+      pool.value(base + j, kv_head, vc);
       for (int64_t h = 0; h < g; ++h) {
         for (int64_t c = 0; c < chunks; ++c) acc[h][c] += s[h][j] * vc[c];
       }
@@ -266,14 +388,23 @@ void attend(
   }
 }
 
+// Block top-k settings of one layer's step: `budgets` (T,) tokens per row, 0 = dense; the
+// layer's mean keys; the local window in blocks.
+struct Sparse {
+  const int64_t* budgets = nullptr;
+  const float* means = nullptr;
+  int64_t window_blocks = 0;
+};
+
 // Attention of every token's query heads, each over its own context (its sequence's block
-// table, its position + 1 keys). q: (T, h, d) fp32; out: (T, h, d).
-template <typename T, typename P, typename O>
+// table, its position + 1 keys), all of it or its block top-k picks. q: (T, h, d) fp32;
+// out: (T, h, d).
+template <typename T, typename Pool, typename O>
 void attention(
-    const float* q, const P* k_pool, const P* v_pool, const int64_t* tables, int64_t max_blocks,
-    const int64_t* ctx, int64_t n_tokens, int64_t h, int64_t kvh, int64_t d, int64_t block_size,
-    float scale, O* out) {
-  const int64_t g = h / kvh;
+    const float* q, const Pool& pool, const int64_t* tables, int64_t max_blocks,
+    const int64_t* ctx, int64_t n_tokens, int64_t h, int64_t block_size, float scale,
+    const Sparse& sparse, O* out) {
+  const int64_t kvh = pool.kvh, d = pool.d, g = h / kvh;
   int64_t keys = 0;
   for (int64_t t = 0; t < n_tokens; ++t) keys += ctx[t];
   // Split over threads only when there is enough of it to pay the fork.
@@ -281,10 +412,23 @@ void attention(
   // KV-head-major: the rows of one head run back to back, so a prefix they share (forked
   // samples) is still in cache when the next row reads it.
   at::parallel_for(0, n_tokens * kvh, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> blocks;
+    std::vector<std::pair<float, int64_t>> scored;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t hk = i / n_tokens, t = i % n_tokens;
-      attend<T, P, O>(q + (t * h + hk * g) * d, k_pool, v_pool, tables + t * max_blocks, ctx[t],
-                      block_size, kvh, hk, g, d, scale, out + (t * h + hk * g) * d);
+      const float* qt = q + (t * h + hk * g) * d;
+      const int64_t* table = tables + t * max_blocks;
+      const int64_t n_blocks = (ctx[t] + block_size - 1) / block_size;
+      const int64_t budget = sparse.budgets != nullptr ? sparse.budgets[t] : 0;
+      if (budget > 0 && ctx[t] > budget) {
+        select_blocks(qt, g, d, sparse.means, kvh, hk, table, n_blocks, budget / block_size,
+                      sparse.window_blocks, scored, blocks);
+      } else {
+        blocks.resize(static_cast<size_t>(n_blocks));
+        for (int64_t b = 0; b < n_blocks; ++b) blocks[b] = b;
+      }
+      attend<T>(qt, pool, table, ctx[t], blocks.data(), static_cast<int64_t>(blocks.size()),
+                block_size, hk, g, scale, out + (t * h + hk * g) * d);
     }
   });
 }
@@ -319,10 +463,11 @@ class DecodeStack {
   }
 
   void add_layer(
-      at::Tensor input_norm, at::Tensor post_norm, std::vector<QLinear> linears) {
+      at::Tensor input_norm, at::Tensor post_norm, std::vector<QLinear> linears, bool sparse) {
     TORCH_CHECK(linears.size() == 4, "a layer has 4 linears: qkv, o, gate_up, down");
     layers_.push_back({input_norm.contiguous(), post_norm.contiguous(), linears[0], linears[1],
                        linears[2], linears[3]});
+    sparse_.push_back(sparse);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -330,58 +475,101 @@ class DecodeStack {
   // x: (T, hidden) residual stream in the model's dtype, updated in place and returned.
   // tables: (T, max_blocks) int64, each token's sequence's block table; ctx: (T,) int64, the
   // context each token attends to (its position + 1); slots: (T,) its KV slot; cos/sin:
-  // (T, head_dim) fp32 rows of the rotary table at its position; k_pool/v_pool: the KV cache's
-  // (layers, rows, n_kv_heads, head_dim) float pools.
+  // (T, head_dim) fp32 rows of the rotary table at its position; k/v (and, int8, k_scale /
+  // v_scale): the KV cache's pools; key_means: its block mean keys (or undefined: none
+  // tracked); budgets: (T,) block top-k tokens of each token on sparse layers, 0 = dense
+  // (or undefined: every token dense); window_blocks: block top-k's local window in blocks.
   at::Tensor forward(
       at::Tensor x, const at::Tensor& tables, const at::Tensor& ctx, const at::Tensor& slots,
-      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
-      const at::Tensor& v_pool, int64_t block_size) {
+      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v,
+      c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
+      c10::optional<at::Tensor> key_means, c10::optional<at::Tensor> budgets,
+      int64_t window_blocks, int64_t block_size) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_, "x: (T, hidden)");
-    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
-    TORCH_CHECK(k_pool.size(0) == num_layers(), "pool layers != model layers");
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "pools must be contiguous");
+    TORCH_CHECK(k.size(0) == num_layers(), "pool layers != model layers");
     TORCH_CHECK(tables.scalar_type() == at::kLong && ctx.scalar_type() == at::kLong &&
                     slots.scalar_type() == at::kLong, "tables, ctx, slots: int64");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "cos/sin fp32");
     TORCH_CHECK(block_size <= kMaxBlock, "block_size <= ", kMaxBlock);
+    const bool has_budgets = budgets.has_value() && budgets->defined();
+    TORCH_CHECK(!has_budgets || (key_means.has_value() && key_means->is_contiguous()),
+                "block top-k needs the pool's mean keys");
     c10::InferenceMode guard;
+    Step step{tables, ctx, slots, cos, sin, window_blocks, block_size};
+    step.budgets = has_budgets ? budgets->contiguous() : at::Tensor();
+    step.key_means = key_means.has_value() ? *key_means : at::Tensor();
     const auto x_type = x.scalar_type();
-    const auto p_type = k_pool.scalar_type();
-    if (x_type == at::kFloat && p_type == at::kFloat) {
-      run<float, float>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
-    } else if (x_type == at::kFloat && p_type == at::kBFloat16) {
-      run<float, BFloat16>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
-    } else if (x_type == at::kBFloat16 && p_type == at::kBFloat16) {
-      run<BFloat16, BFloat16>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
-    } else if (x_type == at::kBFloat16 && p_type == at::kFloat) {
-      run<BFloat16, float>(x, tables, ctx, slots, cos, sin, k_pool, v_pool, block_size);
+    const auto p_type = k.scalar_type();
+    auto with_pool = [&](auto t_tag) {
+      using T = decltype(t_tag);
+      const int64_t per_layer = k.size(1) * n_kv_heads_;  // (slot, head) rows per layer
+      if (p_type == at::kChar) {
+        TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "an int8 pool needs its scales");
+        run<T>(x, step, [&](int64_t layer) {
+          return Int8Pool{k.data_ptr<int8_t>() + layer * per_layer * head_dim_,
+                          v.data_ptr<int8_t>() + layer * per_layer * head_dim_,
+                          k_scale->data_ptr<float>() + layer * per_layer,
+                          v_scale->data_ptr<float>() + layer * per_layer, n_kv_heads_, head_dim_};
+        });
+      } else if (p_type == at::kFloat) {
+        run<T>(x, step, [&](int64_t layer) {
+          return FloatPool<float>{k.data_ptr<float>() + layer * per_layer * head_dim_,
+                                  v.data_ptr<float>() + layer * per_layer * head_dim_,
+                                  n_kv_heads_, head_dim_};
+        });
+      } else {
+        TORCH_CHECK(p_type == at::kBFloat16, "KV pool: fp32, bf16 or int8, not ", p_type);
+        run<T>(x, step, [&](int64_t layer) {
+          return FloatPool<BFloat16>{k.data_ptr<BFloat16>() + layer * per_layer * head_dim_,
+                                     v.data_ptr<BFloat16>() + layer * per_layer * head_dim_,
+                                     n_kv_heads_, head_dim_};
+        });
+      }
+    };
+    if (x_type == at::kFloat) {
+      with_pool(float{});
     } else {
-      TORCH_CHECK(false, "fused decode takes fp32/bf16 activations and pools, not ", x_type,
-                  " / ", p_type);
+      TORCH_CHECK(x_type == at::kBFloat16, "fused decode takes fp32/bf16 activations, not ",
+                  x_type);
+      with_pool(BFloat16{});
     }
     return x;
   }
 
  private:
-  template <typename T, typename P>
-  void run(
-      at::Tensor& x, const at::Tensor& tables, const at::Tensor& ctx_t, const at::Tensor& slots_t,
-      const at::Tensor& cos_t, const at::Tensor& sin_t, const at::Tensor& k_pool_t,
-      const at::Tensor& v_pool_t, int64_t block_size) {
+  struct Step {
+    const at::Tensor& tables;
+    const at::Tensor& ctx;
+    const at::Tensor& slots;
+    const at::Tensor& cos;
+    const at::Tensor& sin;
+    int64_t window_blocks;
+    int64_t block_size;
+    at::Tensor budgets;
+    at::Tensor key_means;
+  };
+
+  template <typename T, typename PoolOf>
+  void run(at::Tensor& x, const Step& step, PoolOf pool_of) {
     const int64_t n_tokens = x.size(0);
-    const int64_t d = head_dim_, h = n_heads_, kvh = n_kv_heads_, g = h / kvh;
-    const int64_t layer_rows = k_pool_t.size(1) * kvh * d;  // elements per pool layer
+    const int64_t d = head_dim_, h = n_heads_, kvh = n_kv_heads_;
+    const int64_t bs = step.block_size;
     const auto bf16 = x.options().dtype(at::kBFloat16);
     at::Tensor normed = at::empty({n_tokens, hidden_}, bf16);
     at::Tensor attn_out = at::empty({n_tokens, h * d}, bf16);
     at::Tensor act = at::empty({n_tokens, intermediate_}, bf16);
     at::Tensor q = at::empty({n_tokens, h * d}, x.options().dtype(at::kFloat));
+    std::vector<float> kv(static_cast<size_t>(2 * kvh * d)), buf;
     T* xp = x.data_ptr<T>();
     BFloat16* np = normed.data_ptr<BFloat16>();
-    const int64_t* tab = tables.data_ptr<int64_t>();
-    const int64_t max_blocks = tables.size(1);
-    const int64_t* ctx = ctx_t.data_ptr<int64_t>();
-    const int64_t* slots = slots_t.data_ptr<int64_t>();
-    std::vector<float> buf;
+    const int64_t* tab = step.tables.data_ptr<int64_t>();
+    const int64_t max_blocks = step.tables.size(1);
+    const int64_t* ctx = step.ctx.data_ptr<int64_t>();
+    const int64_t* slots = step.slots.data_ptr<int64_t>();
+    const bool means = step.key_means.defined();
+    const int64_t means_per_layer =
+        means ? step.key_means.size(1) * step.key_means.size(2) * step.key_means.size(3) : 0;
 
     for (int64_t t = 0; t < n_tokens; ++t) {
       rms_norm_bf16<T>(xp + t * hidden_, layers_[0].input_norm.data_ptr<T>(), np + t * hidden_,
@@ -389,20 +577,31 @@ class DecodeStack {
     }
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
-      P* k_pool = k_pool_t.data_ptr<P>() + static_cast<int64_t>(li) * layer_rows;
-      P* v_pool = v_pool_t.data_ptr<P>() + static_cast<int64_t>(li) * layer_rows;
-      // q/k/v, RoPE, KV write.
+      auto pool = pool_of(static_cast<int64_t>(li));
+      float* layer_means =
+          means ? step.key_means.data_ptr<float>() + static_cast<int64_t>(li) * means_per_layer
+                : nullptr;
+      // q/k/v, RoPE, KV write (and the mean key of every block this write completes).
       at::Tensor qkv = L.qkv.mm(normed, gemv_rows_);
       const BFloat16* qkvp = qkv.data_ptr<BFloat16>();
       const T* bias = L.qkv.bias.defined() ? L.qkv.bias.data_ptr<T>() : nullptr;
       for (int64_t t = 0; t < n_tokens; ++t) {
-        rope_and_store<T, P>(qkvp + t * qkv.stride(0), bias, cos_t.data_ptr<float>() + t * d,
-                             sin_t.data_ptr<float>() + t * d, h, kvh, d,
-                             q.data_ptr<float>() + t * h * d, k_pool + slots[t] * kvh * d,
-                             v_pool + slots[t] * kvh * d, buf);
+        rope<T>(qkvp + t * qkv.stride(0), bias, step.cos.data_ptr<float>() + t * d,
+                step.sin.data_ptr<float>() + t * d, h, kvh, d, q.data_ptr<float>() + t * h * d,
+                kv.data(), buf);
+        pool.store(slots[t], kv.data(), kv.data() + kvh * d);
       }
-      attention<T, P>(q.data_ptr<float>(), k_pool, v_pool, tab, max_blocks, ctx, n_tokens, h, kvh,
-                      d, block_size, scale_, attn_out.data_ptr<BFloat16>());
+      if (means) {
+        for (int64_t t = 0; t < n_tokens; ++t) {
+          if (slots[t] % bs == bs - 1) update_key_mean(pool, slots[t] / bs, bs, layer_means);
+        }
+      }
+      Sparse sparse;
+      if (sparse_[li] && step.budgets.defined()) {
+        sparse = {step.budgets.data_ptr<int64_t>(), layer_means, step.window_blocks};
+      }
+      attention<T>(q.data_ptr<float>(), pool, tab, max_blocks, ctx, n_tokens, h, bs, scale_,
+                   sparse, attn_out.data_ptr<BFloat16>());
       // Output projection, residual, post-attention norm.
       at::Tensor o = L.o.mm(attn_out, gemv_rows_);
       for (int64_t t = 0; t < n_tokens; ++t) {
@@ -432,6 +631,7 @@ class DecodeStack {
   float eps_, scale_;
   int64_t gemv_rows_;
   std::vector<Layer> layers_;
+  std::vector<bool> sparse_;
 };
 
 QLinear make_linear(
@@ -451,7 +651,8 @@ QLinear make_linear(
 }
 
 // The fused step's attention alone, fp32 activations (tests, benchmarks): q (T, h, d) fp32,
-// pools (rows, kvh, d) fp32 or bf16, tables (T, max_blocks) and ctx (T,) int64 -> (T, h, d).
+// one layer's pools (rows, kvh, d) fp32 or bf16, tables (T, max_blocks) and ctx (T,) int64
+// -> (T, h, d) fp32.
 at::Tensor paged_attention(
     const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
     const at::Tensor& tables, const at::Tensor& ctx, int64_t block_size, double scale) {
@@ -460,19 +661,20 @@ at::Tensor paged_attention(
   TORCH_CHECK(tables.scalar_type() == at::kLong && ctx.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(q.size(2) % kLanes == 0 && q.size(2) / kLanes <= kMaxChunks, "head_dim");
   TORCH_CHECK(block_size <= kMaxBlock, "block_size");
-  const int64_t kvh = k_pool.size(1);
+  const int64_t kvh = k_pool.size(1), d = q.size(2);
   TORCH_CHECK(q.size(1) % kvh == 0 && q.size(1) / kvh <= kMaxGroup, "heads per KV head");
   at::Tensor out = at::empty_like(q);
-  auto run = [&](auto* k, auto* v) {
-    attention<float>(q.data_ptr<float>(), k, v, tables.contiguous().data_ptr<int64_t>(),
-                     tables.size(1), ctx.contiguous().data_ptr<int64_t>(), q.size(0), q.size(1),
-                     kvh, q.size(2), block_size, static_cast<float>(scale), out.data_ptr<float>());
+  const at::Tensor t = tables.contiguous(), c = ctx.contiguous();
+  auto run = [&](const auto& pool) {
+    attention<float>(q.data_ptr<float>(), pool, t.data_ptr<int64_t>(), t.size(1),
+                     c.data_ptr<int64_t>(), q.size(0), q.size(1), block_size,
+                     static_cast<float>(scale), Sparse{}, out.data_ptr<float>());
   };
   if (k_pool.scalar_type() == at::kFloat) {
-    run(k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
+    run(FloatPool<float>{k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), kvh, d});
   } else {
     TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16, "pools: fp32 or bf16");
-    run(k_pool.data_ptr<BFloat16>(), v_pool.data_ptr<BFloat16>());
+    run(FloatPool<BFloat16>{k_pool.data_ptr<BFloat16>(), v_pool.data_ptr<BFloat16>(), kvh, d});
   }
   return out;
 }

@@ -54,7 +54,7 @@ class ModelRunner:
             if self.fused_off is None and ext is None:
                 self.fused_off = "the extension did not build (see the log)"
             if ext is not None:
-                self.fused = FusedDecode(model, self.kv_cache, ext)
+                self.fused = FusedDecode(model, self.kv_cache, ext, self.specs)
 
     def execute(self, batch: SchedulerOutput) -> StepResult:
         # Inference mode like the forward: caches may create buffers inside a forward
@@ -94,12 +94,11 @@ class ModelRunner:
         positions_t = torch.tensor(positions, device=self.device)
         if self.fused is not None and self.fused.accepts(meta, capture):
             hidden = self.fused(ids_t, positions_t, meta)
-            # Each token reads its own context (positions + 1 slots), no shared prefix.
             shape = StepShape(
                 query_lens=tuple(meta.query_lens),
                 context_lens=tuple(meta.context_lens),
-                kv_tokens_read=sum(positions) + len(positions),
                 num_logits=len(logit_rows),
+                **self.fused.kv_reads(meta, positions),
             )
         else:
             attn = self.attention_cls(self.kv_cache, meta, self.specs)

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import logging
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,7 +38,10 @@ from typing import Any
 import torch
 
 from ttscale.attention.metadata import AttentionMetadata
+from ttscale.attention.sparse import BlockTopK
+from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.kvcache.pool import KVCache
+from ttscale.kvcache.quant import Int8KVCache
 from ttscale.models.layers import Linear
 from ttscale.models.quant import GEMV_ROWS, Int4Weight, Int8Weight
 
@@ -93,10 +97,10 @@ def fused_unsupported(model: torch.nn.Module, cache: KVCache) -> str | None:
         return f"{type(model).__name__} is not a Llama-family decoder"
     if cache.device.type != "cpu":
         return f"device {cache.device} (the extension is CPU code)"
-    if cache.quantized or cache.key_means is not None:
-        return "a quantized KV pool or block top-k (their reads run eager)"
-    if cache.dtype not in (torch.float32, torch.bfloat16):
-        return f"KV pool dtype {cache.dtype}"
+    if cache.quantized and not isinstance(cache, Int8KVCache):
+        return f"KV pool {type(cache).__name__} (the fused loops read float and int8 pools)"
+    if not cache.quantized and cache.k.dtype not in (torch.float32, torch.bfloat16):
+        return f"KV pool dtype {cache.k.dtype}"
     c = model.config
     if c.head_dim % 16 or c.head_dim > 128 or c.num_attention_heads > 8 * c.num_key_value_heads:
         return "head_dim not a multiple of 16 up to 128, or over 8 query heads per KV head"
@@ -108,8 +112,8 @@ def fused_unsupported(model: torch.nn.Module, cache: KVCache) -> str | None:
     for spec in model.attention_specs:
         if spec.sliding_window is not None or spec.soft_cap is not None:
             return f"layer {spec.layer_idx} has a window or a soft cap"
-        if spec.sparsity is not None:
-            return f"layer {spec.layer_idx} is sparse"
+        if spec.sparsity is not None and not isinstance(spec.sparsity, BlockTopK):
+            return f"layer {spec.layer_idx}'s sparsity {spec.sparsity!r}"
     for i, layer in enumerate(model.layers):
         if layer.self_attn.q_norm is not None:
             return "per-head q/k norms (Qwen3)"
@@ -155,12 +159,18 @@ def _linears(layer: Any) -> list[Linear]:
 
 class FusedDecode:
     """The decoder stack of `model` as one C++ object over `cache`'s pools; `accepts` says
-    whether a step can run here, `__call__` runs it (embedding and final norm in Python)."""
+    whether a step can run here, `__call__` runs it (embedding and final norm in Python).
+    `specs`: the engine's layer specs (block top-k on the layers it sparsifies)."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, ext: ModuleType) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: KVCache,
+        ext: ModuleType,
+        specs: Sequence[AttentionLayerSpec],
+    ) -> None:
         self.model, self.cache = model, cache
         c = model.config
-        spec = model.attention_specs[0]
         self.stack = ext.DecodeStack(
             c.num_attention_heads,
             c.num_key_value_heads,
@@ -168,7 +178,7 @@ class FusedDecode:
             c.hidden_size,
             c.intermediate_size,
             float(c.rms_norm_eps),
-            float(spec.scale),
+            float(specs[0].scale),
             GEMV_ROWS,
         )
         dtype = model.norm.weight.dtype
@@ -176,12 +186,17 @@ class FusedDecode:
         # Steps over GEMV_ROWS rows need every matmul's oneDNN copy (quantize keeps one
         # unless memory was asked for: quant._WithDense).
         self.max_rows = MAX_ROWS if all(_dense(x) is not None for x in linears) else GEMV_ROWS
-        for layer in model.layers:
+        sparse = [isinstance(spec.sparsity, BlockTopK) for spec in specs]
+        self.sparse_layers = sum(sparse)
+        window = next((s.sparsity.window for s in specs if isinstance(s.sparsity, BlockTopK)), 0)
+        self.window_blocks = -(-window // cache.block_size)
+        for layer, layer_sparse in zip(model.layers, sparse, strict=True):
             operands = [self._operands(ext, linear, dtype) for linear in _linears(layer)]
             self.stack.add_layer(
                 layer.input_layernorm.weight.detach().to(dtype),
                 layer.post_attention_layernorm.weight.detach().to(dtype),
                 operands,
+                layer_sparse,
             )
 
     @staticmethod
@@ -198,23 +213,58 @@ class FusedDecode:
         return ext.make_linear(kind, empty, empty, 0, linear.out_features, bias, dense)
 
     def accepts(self, meta: AttentionMetadata, capture: object | None) -> bool:
-        """Steps of at most `max_rows` tokens without hidden-state capture or block top-k."""
-        if capture is not None or len(meta.slot_mapping) > self.max_rows:
-            return False
-        return meta.kv_budgets is None or all(b is None for b in meta.kv_budgets)
+        """Steps of at most `max_rows` tokens without hidden-state capture."""
+        return capture is None and len(meta.slot_mapping) <= self.max_rows
+
+    def _budgets(self, meta: AttentionMetadata) -> list[int] | None:
+        """Per sequence, its block top-k budget where it reads sparsely this step (a decode
+        row whose context exceeds its budget, as attention/base.py decides), else 0; None:
+        no sequence does."""
+        if meta.kv_budgets is None or not self.sparse_layers:
+            return None
+        budgets = [
+            b if q == 1 and b is not None and c > b else 0
+            for q, c, b in zip(meta.query_lens, meta.context_lens, meta.kv_budgets, strict=True)
+        ]
+        return budgets if any(budgets) else None
+
+    def kv_reads(self, meta: AttentionMetadata, positions: list[int]) -> dict[str, int]:
+        """What the step's attention read, per layer (mean over layers), for the cost model:
+        every token its own context (no cascade), less what block top-k skipped, and the
+        block mean keys it scored (attention/base.py's accounting)."""
+        read = sum(positions) + len(positions)
+        skipped = scored = 0.0
+        budgets = self._budgets(meta)
+        if budgets is not None:
+            bs, share = meta.block_size, self.sparse_layers / len(self.model.layers)
+            for c, b in zip(meta.context_lens, budgets, strict=True):
+                if b:
+                    blocks = -(-c // bs)
+                    kept = min(b // bs, blocks) * bs - (blocks * bs - c)
+                    skipped += (c - kept) * share
+                    scored += blocks * share
+        return {
+            "kv_tokens_read": read - round(skipped),
+            "kv_tokens_skipped": round(skipped),
+            "kv_blocks_scored": round(scored),
+        }
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden states (T, hidden) after the final norm; the
         layers' K/V are written into the cache at `meta.slot_mapping` as the eager path does."""
-        model = self.model
+        model, cache = self.model, self.cache
         tables: list[list[int]] = []
-        for table, q_len in zip(meta.block_tables, meta.query_lens, strict=True):
+        budgets: list[int] = []
+        per_seq = self._budgets(meta)
+        for i, (table, q_len) in enumerate(zip(meta.block_tables, meta.query_lens, strict=True)):
             tables += [table] * q_len
+            budgets += [per_seq[i] if per_seq is not None else 0] * q_len
         width = max(len(t) for t in tables)
         table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         cos, sin = model.rotary._table(int(positions.max()) + 1, positions.device)
+        quantized = isinstance(cache, Int8KVCache)
         with torch.inference_mode():
             x = model.embed_tokens(input_ids).contiguous()
             x = self.stack.forward(
@@ -224,8 +274,13 @@ class FusedDecode:
                 meta.slot_mapping,
                 cos.index_select(0, positions),
                 sin.index_select(0, positions),
-                self.cache.k,
-                self.cache.v,
+                cache.k,
+                cache.v,
+                cache.k_scale if quantized else None,
+                cache.v_scale if quantized else None,
+                cache.key_means,
+                torch.tensor(budgets) if per_seq is not None else None,
+                self.window_blocks,
                 meta.block_size,
             )
             return model.norm(x)
