@@ -28,6 +28,7 @@ from ttscale.kvcache import CacheConfig
 from ttscale.kvcache.config import check_sparse
 from ttscale.kvcache.quant import kv_bytes_per_value
 from ttscale.models.compiled import CompileConfig
+from ttscale.models.quant import kv_dtype
 from ttscale.sampling.detokenizer import IncrementalDetokenizer
 from ttscale.sampling.params import SamplingParams
 from ttscale.sampling.sampler import Sampler, SamplingRow, make_generator
@@ -79,7 +80,7 @@ class LLMEngine:
         kv_bytes = kv_bytes_per_value(
             cache_config.kv_cache_dtype,
             model.config.head_dim,
-            cache_config.pool_dtype(dtype),
+            cache_config.pool_dtype(kv_dtype(model)),
             cache_config.block_size,
         )
         self.cost_meter = CostMeter(model.config, dtype, hardware, kv_bytes=kv_bytes)

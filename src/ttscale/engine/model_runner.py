@@ -15,6 +15,7 @@ from ttscale.kvcache import CacheConfig, make_kv_cache, slot_mapping
 from ttscale.models.compiled import CompileConfig, CompiledForward
 from ttscale.models.fused import FusedDecode, fused_unsupported, load_extension
 from ttscale.models.llama import HiddenCapture
+from ttscale.models.quant import kv_dtype
 
 
 class ModelRunner:
@@ -29,13 +30,12 @@ class ModelRunner:
     ) -> None:
         self.model, self.config, self.device = model, config, device
         mc = model.config
-        weights_dtype = next(model.parameters()).dtype
         self.kv_cache = make_kv_cache(
             config,
             mc.num_hidden_layers,
             mc.num_key_value_heads,
             mc.head_dim,
-            config.pool_dtype(weights_dtype),
+            config.pool_dtype(kv_dtype(model)),
             device,
         )
         self.num_blocks = self.kv_cache.num_blocks

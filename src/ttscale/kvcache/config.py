@@ -58,9 +58,9 @@ class CacheConfig:
     # (engine/block_manager.py, "Resident memory of the pool"; docs/PERF_RSS.md).
     evict_before_growing: bool = True
     attention: str = "fast"  # a name in attention.registry: "fast" | "reference"
-    # The pool's element format, independent of the weights: "auto" = the weights' dtype,
-    # a float dtype, or a quantized format ("int8"). A smaller format holds more blocks in
-    # the same kv_cache_gb.
+    # The pool's element format, independent of the weights: "auto" = the weights' dtype
+    # (bf16 for quantized matmul weights: models/quant.py kv_dtype), a float dtype, or a
+    # quantized format ("int8"). A smaller format holds more blocks in the same kv_cache_gb.
     kv_cache_dtype: str = "auto"
     # Block top-k sparse decode attention (after Kinetics): "dense" or "block_topk". With
     # block_topk the pool keeps each block's mean key (per KV head), decode rows of the

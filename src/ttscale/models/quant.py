@@ -190,6 +190,17 @@ class Int8Weight(_WithDense):
 QuantizedWeight = Int4Weight | Int8Weight
 
 
+def kv_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The float dtype `kv_cache_dtype="auto"` stores: the weights' dtype, but bf16 for a
+    model with quantized matmuls, whose kernels compute in bf16 anyway (llama.cpp keeps its
+    KV in f16 likewise). Half the KV bytes of fp32: on the embedded model, majority@16 on 100
+    arithmetic problems scored 42.0% against fp32 KV's 37.0% (8 wins / 3 losses, McNemar
+    p = 0.23; docs/BENCHMARKS.md, "Session 6")."""
+    weights = next(model.parameters()).dtype
+    quantized = any(getattr(m, "qweight", None) is not None for m in model.modules())
+    return torch.bfloat16 if quantized and weights == torch.float32 else weights
+
+
 def kernel_for(weight: GroupQuantized) -> str:
     """ "int4" when the codes fit the int4 kernel as they are, else "int8" (requantized)."""
     fits = weight.bits <= 4 and weight.group_size in _INT4_GROUPS
