@@ -193,9 +193,10 @@ QuantizedWeight = Int4Weight | Int8Weight
 def kv_dtype(model: torch.nn.Module) -> torch.dtype:
     """The float dtype `kv_cache_dtype="auto"` stores: the weights' dtype, but bf16 for a
     model with quantized matmuls, whose kernels compute in bf16 anyway (llama.cpp keeps its
-    KV in f16 likewise). Half the KV bytes of fp32: on the embedded model, majority@16 on 100
-    arithmetic problems scored 42.0% against fp32 KV's 37.0% (8 wins / 3 losses, McNemar
-    p = 0.23; docs/BENCHMARKS.md, "Session 6")."""
+    KV in f16 likewise). Half the KV bytes of fp32 at no measurable cost: on the embedded
+    model (fp32 activations), majority@16 on 100 arithmetic problems scored 34.0% with bf16
+    KV and 31.0% with fp32 KV (5 / 8 problems only fp32 / only bf16 got right, McNemar
+    p = 0.58; docs/BENCHMARKS.md, "Session 6")."""
     weights = next(model.parameters()).dtype
     quantized = any(getattr(m, "qweight", None) is not None for m in model.modules())
     return torch.bfloat16 if quantized and weights == torch.float32 else weights
