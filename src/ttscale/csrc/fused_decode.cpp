@@ -407,8 +407,10 @@ void attention(
   const int64_t kvh = pool.kvh, d = pool.d, g = h / kvh;
   int64_t keys = 0;
   for (int64_t t = 0; t < n_tokens; ++t) keys += ctx[t];
-  // Split over threads only when there is enough of it to pay the fork.
-  const int64_t grain = keys >= 512 ? 1 : n_tokens * kvh;
+  // Split over threads only when there is enough of it (~100 us) to pay the fork and the
+  // barrier: tiny parallel regions cost more than they save, and on a machine whose cores
+  // are busy a barrier waits for a descheduled thread (a 30 us region then takes ms).
+  const int64_t grain = keys * h >= 64 * 1024 ? 1 : n_tokens * kvh;
   // KV-head-major: the rows of one head run back to back, so a prefix they share (forked
   // samples) is still in cache when the next row reads it.
   at::parallel_for(0, n_tokens * kvh, grain, [&](int64_t begin, int64_t end) {
@@ -434,12 +436,24 @@ void attention(
 }
 
 // out = bf16(T(T(silu(gate)) * up)) from the gate_up matmul's bf16 row, as MLP.forward.
+// silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) (an argument <= 0, what vexp takes):
+// 1 / (1 + e) for g >= 0, e / (1 + e) below.
 template <typename T>
 void silu_mul(const BFloat16* gate_up, BFloat16* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const v16 g = load16(gate_up + i), up = load16(gate_up + n + i);
+    const v16 e = vexp(g < 0.f ? g : -g);
+    const v16 sig = (g < 0.f ? e : splat(1.f)) / (1.f + e);
+    const v16 y = g * sig;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      out[i + j] = static_cast<BFloat16>(round_to<T>(round_to<T>(y[j]) * up[j]));
+    }
+  }
+  for (; i < n; ++i) {
     const float gv = to_f(gate_up[i]);
-    const float s = round_to<T>(gv / (1.f + std::exp(-gv)));
-    out[i] = static_cast<BFloat16>(round_to<T>(s * to_f(gate_up[n + i])));
+    const float sv = round_to<T>(gv / (1.f + std::exp(-gv)));
+    out[i] = static_cast<BFloat16>(round_to<T>(sv * to_f(gate_up[n + i])));
   }
 }
 
@@ -568,6 +582,8 @@ class DecodeStack {
     const int64_t* ctx = step.ctx.data_ptr<int64_t>();
     const int64_t* slots = step.slots.data_ptr<int64_t>();
     const bool means = step.key_means.defined();
+    // Per-token loops go parallel only for steps of many tokens (see attention's grain).
+    const int64_t row_grain = 32;
     const int64_t means_per_layer =
         means ? step.key_means.size(1) * step.key_means.size(2) * step.key_means.size(3) : 0;
 
@@ -611,10 +627,12 @@ class DecodeStack {
       }
       // MLP, residual, the next layer's input norm.
       at::Tensor gu = L.gate_up.mm(normed, gemv_rows_);
-      for (int64_t t = 0; t < n_tokens; ++t) {
-        silu_mul<T>(gu.data_ptr<BFloat16>() + t * gu.stride(0),
-                    act.data_ptr<BFloat16>() + t * intermediate_, intermediate_);
-      }
+      at::parallel_for(0, n_tokens, row_grain, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          silu_mul<T>(gu.data_ptr<BFloat16>() + t * gu.stride(0),
+                      act.data_ptr<BFloat16>() + t * intermediate_, intermediate_);
+        }
+      });
       at::Tensor down = L.down.mm(act, gemv_rows_);
       for (int64_t t = 0; t < n_tokens; ++t) {
         add_residual<T>(xp + t * hidden_, down.data_ptr<BFloat16>() + t * down.stride(0),
