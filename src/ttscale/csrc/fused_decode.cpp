@@ -407,10 +407,11 @@ void attention(
   const int64_t kvh = pool.kvh, d = pool.d, g = h / kvh;
   int64_t keys = 0;
   for (int64_t t = 0; t < n_tokens; ++t) keys += ctx[t];
-  // Split over threads only when there is enough of it (~100 us) to pay the fork and the
-  // barrier: tiny parallel regions cost more than they save, and on a machine whose cores
-  // are busy a barrier waits for a descheduled thread (a 30 us region then takes ms).
-  const int64_t grain = keys * h >= 64 * 1024 ? 1 : n_tokens * kvh;
+  // Split over threads only when there is enough of it (~100 us at ~5 ns a key and query
+  // head) to pay the fork and the barrier: tiny parallel regions cost more than they save,
+  // and on a machine whose cores are busy a barrier waits for a descheduled thread (a 30 us
+  // region then takes ms).
+  const int64_t grain = keys * h >= 16 * 1024 ? 1 : n_tokens * kvh;
   // KV-head-major: the rows of one head run back to back, so a prefix they share (forked
   // samples) is still in cache when the next row reads it.
   at::parallel_for(0, n_tokens * kvh, grain, [&](int64_t begin, int64_t end) {
