@@ -13,7 +13,13 @@ measures each step's model time, and compares it with two predictions of the sam
     underestimates the machine).
 
     python benchmarks/bench_cost_model.py [--threads 2] [--dtype float32|bfloat16]
-                                          [--out runs/bench_cost_model.json]
+                                          [--quantize auto] [--kv-cache-dtype auto|int8|...]
+                                          [--sparse-attention dense|block_topk]
+                                          [--kv-budget 256] [--out runs/bench_cost_model.json]
+
+With --sparse-attention block_topk every request reads block top-k (decode rows whose context
+exceeds --kv-budget), so the validated steps are sparse; the calibration's synthetic steps
+stay dense, so the fit never sees a sparse step.
 
 error = (measured - predicted) / measured.
 """
@@ -167,6 +173,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--contexts", default="128,512,1024,2048")
+    ap.add_argument("--quantize", default="auto", help="LLM(quantize=...)")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--sparse-attention", default="dense", choices=("dense", "block_topk"))
+    ap.add_argument("--kv-budget", type=int, default=256)
     ap.add_argument("--out", default="runs/bench_cost_model.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,7 +185,16 @@ def main() -> None:
         f"calibrated: fp32 {hw.peak_flops_fp32 / 1e9:.0f} GFLOP/s, "
         f"bandwidth {hw.mem_bandwidth / 1e9:.1f} GB/s ({args.threads} threads)"
     )
-    llm = LLM(num_threads=args.threads, hardware=None, kv_cache_gb=6.0, dtype=args.dtype)
+    llm = LLM(
+        num_threads=args.threads,
+        hardware=None,
+        kv_cache_gb=6.0,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        kv_cache_dtype=args.kv_cache_dtype,
+        sparse_attention=args.sparse_attention,
+        kv_budget=args.kv_budget,
+    )
     llm.engine.cost_meter.hardware = hw
     t0 = time.perf_counter()
     calibration = calibrate_engine(llm.engine)
@@ -218,6 +237,10 @@ def main() -> None:
                 "machine": platform.processor() or platform.machine(),
                 "threads": args.threads,
                 "dtype": args.dtype,
+                "options": {
+                    k: getattr(args, k)
+                    for k in ("quantize", "kv_cache_dtype", "sparse_attention", "kv_budget")
+                },
                 "hardware": hw.to_dict(),
                 "step_model": step_model.to_dict(),
                 "calibration_steps": [
