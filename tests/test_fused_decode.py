@@ -223,3 +223,20 @@ def test_paged_attention_matches_softmax(pool_dtype: torch.dtype) -> None:
             kv = head // (h // kvh)
             p = torch.softmax(q[t, head].double() @ keys[:, kv].T * d**-0.5, -1)
             torch.testing.assert_close(out[t, head].double(), p @ values[:, kv], atol=5e-6, rtol=0)
+
+
+def test_fused_step_reports_distinct_kv_reads(model_dir: Path) -> None:
+    """The cost model gets what came from memory: a block three forks share is read once
+    (the rows of a KV head run back to back), each row's partial last block is its own."""
+    llm = tiny_llm(model_dir, quantize="int4")
+    engine = llm.engine
+    engine.add_request("r", list(range(10, 80)), SamplingParams(n=3, max_tokens=3, seed=0))
+    shapes = []
+    while engine.has_unfinished:
+        engine.step()
+        shapes.append(engine.last_step)
+    decode = [s for s in shapes if s.query_lens == (1, 1, 1)]
+    first = decode[0]  # contexts 71: 17 full prompt blocks of 4 shared, 3 tokens each after
+    assert first.context_lens == (71, 71, 71)
+    assert first.kv_tokens_shared == 17 * 4
+    assert first.kv_tokens_read == 17 * 4 + 3 * 3

@@ -98,7 +98,7 @@ class ModelRunner:
                 query_lens=tuple(meta.query_lens),
                 context_lens=tuple(meta.context_lens),
                 num_logits=len(logit_rows),
-                **self.fused.kv_reads(meta, positions),
+                **self.fused.kv_reads(meta),
             )
         else:
             attn = self.attention_cls(self.kv_cache, meta, self.specs)

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import logging
 import platform
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -228,23 +229,36 @@ class FusedDecode:
         ]
         return budgets if any(budgets) else None
 
-    def kv_reads(self, meta: AttentionMetadata, positions: list[int]) -> dict[str, int]:
-        """What the step's attention read, per layer (mean over layers), for the cost model:
-        every token its own context (no cascade), less what block top-k skipped, and the
-        block mean keys it scored (attention/base.py's accounting)."""
-        read = sum(positions) + len(positions)
+    def kv_reads(self, meta: AttentionMetadata) -> dict[str, int]:
+        """What the step's attention read from memory, per layer (mean over layers), for the
+        cost model. Each row visits its whole context in place, but the rows of one KV head
+        run back to back, so a block several rows share (a fork group's prefix) comes from
+        memory once and from cache after: `kv_tokens_read` counts distinct blocks (a row's
+        partial last block is its own), `kv_tokens_shared` the full blocks more than one
+        sequence reads. Less what block top-k skipped, and the block mean keys it scored
+        (attention/base.py's accounting of both)."""
+        bs = meta.block_size
+        readers: Counter[int] = Counter()
+        partial = 0
+        for table, context in zip(meta.block_tables, meta.context_lens, strict=True):
+            full = context // bs
+            readers.update(table[:full])
+            partial += context - full * bs
+        shared = sum(1 for n in readers.values() if n > 1) * bs
         skipped = scored = 0.0
         budgets = self._budgets(meta)
         if budgets is not None:
-            bs, share = meta.block_size, self.sparse_layers / len(self.model.layers)
+            share = self.sparse_layers / len(self.model.layers)
             for c, b in zip(meta.context_lens, budgets, strict=True):
                 if b:
                     blocks = -(-c // bs)
                     kept = min(b // bs, blocks) * bs - (blocks * bs - c)
                     skipped += (c - kept) * share
                     scored += blocks * share
+        read = max(0, len(readers) * bs + partial - round(skipped))
         return {
-            "kv_tokens_read": read - round(skipped),
+            "kv_tokens_read": read,
+            "kv_tokens_shared": min(shared, read),
             "kv_tokens_skipped": round(skipped),
             "kv_blocks_scored": round(scored),
         }
