@@ -138,9 +138,13 @@ def measure_run(
     engine = llm.engine
     engine.reset_prefix_cache()
     meter = engine.cost_meter
+    cache = engine.cache_config
     est = estimate(
         meter.shape, prompt_len, gen_len, n, hw, dtype=meter.dtype,
         block_size=engine.block_size, step_model=step_model,
+        weight_bytes_per_param=meter.bytes_per_value, kv_bytes=meter.kv_bytes_per_value,
+        kv_budget=cache.kv_budget if cache.sparse_attention == "block_topk" else None,
+        sparse_dense_layers=len(cache.sparse_dense_layers),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(n * 7 + prompt_len)
     prompt = torch.randint(100, llm.config.vocab_size, (prompt_len,), generator=gen).tolist()
