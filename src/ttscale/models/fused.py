@@ -19,7 +19,7 @@ Each token reads its sequence's whole context (no cascade: a fork group's shared
 read once per row, which at <= 8 rows costs less than building the groups).
 
 The extension is compiled on first use with the machine's C++ compiler
-(torch.utils.cpp_extension, -O3 -march=native; ~40 s once, then cached in
+(torch.utils.cpp_extension, -O3 -march=native, ninja from the pip package; ~30 s once, cached in
 $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, keyed by source and CPU flags).
 `make setup` builds it. A build failure logs one line and the engine runs eager.
 """
@@ -29,7 +29,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +71,17 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _put_ninja_on_path() -> None:
+    """torch builds with the `ninja` on PATH; the pip package's binary lives in the venv's
+    bin, which a caller such as `make` need not have on PATH."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # load() then says ninja is missing, and the engine runs eager
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def load_extension() -> ModuleType | None:
     """The compiled extension, built on first call; None (with one log line) if it cannot
@@ -76,6 +89,7 @@ def load_extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         return load(
             name=f"ttscale_fused_decode_{_cpu_tag()}",
             sources=[str(SOURCE)],
