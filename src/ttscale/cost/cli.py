@@ -245,9 +245,9 @@ def _kv_bytes(kv_dtype: str, shape: ModelShape, dtype: str, block_size: int | No
     if fmt == "auto":
         return None
     compute = {"fp32": torch.float32, "fp16": torch.float16}.get(normalize_dtype(dtype))
-    return kv_bytes_per_value(
-        fmt, shape.head_dim, compute or torch.bfloat16, block_size or SPARSE_BLOCK
-    )
+    # The engine's default block: 32 for the KIVI formats (kvcache/config.py), else 16.
+    block = block_size or CacheConfig(kv_cache_dtype=fmt).block_size
+    return kv_bytes_per_value(fmt, shape.head_dim, compute or torch.bfloat16, block)
 
 
 def _step_model(
