@@ -82,7 +82,7 @@ class Linear(nn.Module):
         if self.qweight is not None:
             shape = x.shape
             out = self.qweight.mm(x.reshape(-1, self.in_features))
-            out = out if self.bias is None else out + self.bias
+            out = out if self.bias is None else out + self.bias.to(out.dtype)
             return out.view(*shape[:-1], self.out_features)
         if self.packed is not None:
             shape = x.shape
@@ -136,7 +136,9 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # In the input's dtype: a model may run a step in bf16 over fp32 norm weights
+        # (llama.py, _bf16_rows); a no-op cast otherwise.
+        return self.weight.to(dtype) * x.to(dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -29,6 +29,9 @@ from ttscale.models.quant import cat_rows
 
 # Weights packed between two hand-backs of freed heap memory while streaming a load.
 _TRIM_EVERY = 4_000_000
+# Steps over this many tokens of a quantized model run in bf16 activations (_bf16_rows);
+# the fused step (models/fused.py) takes the smaller ones.
+BF16_STEP_ROWS = 64
 
 
 class HiddenCapture:
@@ -163,6 +166,8 @@ class LlamaForCausalLM(nn.Module):
         i = after decoder layer i - 1, num_layers = after the final norm.
         """
         x = self.embed_tokens(input_ids)
+        if capture is None and x.dtype == torch.float32 and self._bf16_rows(x.shape[0]):
+            x = x.to(torch.bfloat16)
         if capture is not None:
             capture.take(0, x)
         for i, layer in enumerate(self.layers):
@@ -174,10 +179,28 @@ class LlamaForCausalLM(nn.Module):
             capture.take(len(self.layers), x)
         return x
 
+    def _bf16_rows(self, rows: int) -> bool:
+        """Whether a step of `rows` tokens runs in bf16 activations: steps over
+        BF16_STEP_ROWS tokens (prefill chunks, wide batches) of a model with quantized
+        matmuls, whose kernels take bf16 inputs anyway. fp32 there only adds a cast around
+        every matmul and doubles the bytes of every elementwise op: a 1000-token prefill of
+        the embedded model took 810 ms against 604 for the bf16 model, the same SDPA and
+        matmul time (docs/BENCHMARKS.md, "Session 6"). Smaller steps keep fp32 (the fused
+        step, models/fused.py); steps that capture hidden states keep the model's dtype."""
+        if rows <= BF16_STEP_ROWS:
+            return False
+        quantized = getattr(self, "_quantized", None)
+        if quantized is None:  # every decoder matmul: a float one would get bf16 input
+            linears = [m for m in self.layers.modules() if isinstance(m, Linear)]
+            quantized = bool(linears) and all(m.qweight is not None for m in linears)
+            self._quantized = quantized
+        return quantized
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden_size) -> fp32 logits (N, vocab_size)."""
-        return self.lm_head(hidden).float()
+        # A bf16 step's rows (_bf16_rows) go back to the model's dtype: a float head needs it.
+        return self.lm_head(hidden.to(self.norm.weight.dtype)).float()
 
     # ---- weights ------------------------------------------------------------------------
 
