@@ -101,9 +101,10 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after each workload")
     ap.add_argument(
-        "--reuse-cached-first",
+        "--keep-cached",
         action="store_true",
-        help="the block manager evicts a cached block before taking a never-used one",
+        help="LLM(evict_before_growing=False): every cached prefix stays until the pool is "
+        "full (the default before session 6)",
     )
     ap.add_argument("--dump-prompts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,12 +130,11 @@ def main() -> None:
         dtype=args.dtype,
         quantize=args.quantize,
         kv_cache_dtype=args.kv_cache_dtype,
+        evict_before_growing=not args.keep_cached,
     )
     load_s = time.perf_counter() - t0
     engine = llm.engine
     bm = engine.block_manager
-    if args.reuse_cached_first:
-        bm.reuse_cached_first = True
     cache = engine.executor.kv_cache
     pool_bytes = sum(t.nbytes for t in kv_tensors(cache))
     block_bytes = pool_bytes / (cache.num_blocks + 1)

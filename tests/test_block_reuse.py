@@ -3,7 +3,7 @@
 The KV pool is allocated uninitialized: a block costs resident pages from its first write on.
 Freed blocks are reused before never-used ones, so the pool's touched blocks
 (`stats()["touched"]`) grow only with the peak of blocks in use plus cached ones; with
-`reuse_cached_first` a cached block is evicted before a never-used block is taken, and the
+`evict_before_growing` a cached block is evicted before a never-used block is taken, and the
 touched blocks stay at the peak in use.
 """
 
@@ -65,8 +65,8 @@ def test_touched_free_blocks_come_before_untouched_with_prefix_caching() -> None
     bm.check_integrity()
 
 
-def test_reuse_cached_first_evicts_before_touching_new_blocks() -> None:
-    bm = BlockManager(32, block_size=4, reuse_cached_first=True)
+def test_evict_before_growing_evicts_before_touching_new_blocks() -> None:
+    bm = BlockManager(32, block_size=4, evict_before_growing=True)
     run(bm, 1, list(range(10)))  # blocks 0, 1 full (cached), 2 partial
     bm.free(1)  # LRU: 1 then 0 (a chain is released from its tail); 2 free
     # The touched free block first, then the least recently freed cached block (the tail of
@@ -88,15 +88,15 @@ def test_reuse_cached_first_evicts_before_touching_new_blocks() -> None:
     bm.check_integrity()
 
 
-def test_reuse_cached_first_keeps_the_randomized_invariants(monkeypatch) -> None:
+def test_evict_before_growing_keeps_the_randomized_invariants(monkeypatch) -> None:
     """The block manager's randomized stress test (simulated KV contents: a wrong share, copy
-    or cache hit shows up as wrong KV), with `reuse_cached_first`."""
+    or cache hit shows up as wrong KV), with `evict_before_growing`."""
     from tests import test_block_manager
 
     made: list[BlockManager] = []
 
     def make(*args, **kwargs) -> BlockManager:
-        made.append(BlockManager(*args, **kwargs, reuse_cached_first=True))
+        made.append(BlockManager(*args, **kwargs, evict_before_growing=True))
         return made[-1]
 
     monkeypatch.setattr(test_block_manager, "BlockManager", make)
@@ -114,20 +114,20 @@ def model_dir(tmp_path_factory):
 def test_engine_touches_the_working_set(model_dir) -> None:
     """Distinct prompts, sampled in parallel one request after another, as bench_engine.py
     does: by default every finished sample's full blocks stay cached and the pool grows by
-    them; with `reuse_cached_first` it stays at the peak in use, and the outputs are the same."""
+    them; with `evict_before_growing` it stays at the peak in use, and the outputs are the same."""
     params = SamplingParams(n=4, temperature=0.8, seed=0, max_tokens=12, ignore_eos=True)
     outputs, stats = {}, {}
-    for reuse_cached_first in (False, True):
+    for evict_before_growing in (False, True):
         llm = tiny_llm(model_dir)
         bm = llm.engine.block_manager
-        bm.reuse_cached_first = reuse_cached_first
+        bm.evict_before_growing = evict_before_growing
         outs = []
         for i in range(6):
             prompt = [5 + i, 17, 42, 99, 7, 250, 31, 8 + i]
             out = llm.generate([prompt], params, use_tqdm=False)[0]
             outs.append([list(o.token_ids) for o in out.outputs])
         assert_pool_full(llm)
-        outputs[reuse_cached_first], stats[reuse_cached_first] = outs, bm.stats()
+        outputs[evict_before_growing], stats[evict_before_growing] = outs, bm.stats()
     assert outputs[True] == outputs[False]
     assert stats[True]["peak"] == stats[False]["peak"]
     assert stats[True]["touched"] == stats[True]["peak"]

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model, tiny_llm
-from ttscale.engine import model_runner
 from ttscale.models import fused
 from ttscale.sampling.params import SamplingParams
 
@@ -187,7 +186,7 @@ def test_build_failure_falls_back_to_eager(
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp, "load", broken)
-    monkeypatch.setattr(model_runner, "load_extension", fused.load_extension.__wrapped__)
+    monkeypatch.setattr(fused, "load_extension", fused.load_extension.__wrapped__)
     with caplog.at_level(logging.WARNING, logger="ttscale.models.fused"):
         llm = tiny_llm(model_dir, quantize="int4")
     assert llm.engine.executor.fused is None

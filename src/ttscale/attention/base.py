@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from ttscale.attention.metadata import AttentionMetadata
-from ttscale.attention.sparse import BlockTopK, SparseRows, sparse_rows
+from ttscale.attention.sparse import BlockTopK, SparseRows, sparse_row_indices, sparse_rows
 from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.kvcache.pool import KVCache
 
@@ -55,13 +55,7 @@ class PagedAttentionBase:
             if cache.key_means is None:
                 raise ValueError("block top-k needs a pool that keeps block mean keys")
             budgets = meta.kv_budgets
-            rows = [
-                i
-                for i, (q, c, b) in enumerate(
-                    zip(meta.query_lens, meta.context_lens, budgets, strict=True)
-                )
-                if q == 1 and b is not None and c > b
-            ]
+            rows = sparse_row_indices(meta.query_lens, meta.context_lens, budgets)
             if rows:
                 window = sparse_specs[0].sparsity.window  # type: ignore[union-attr]
                 self.sparse = sparse_rows(
@@ -87,6 +81,16 @@ class PagedAttentionBase:
         if self.sparse is not None:
             scored = int(self.sparse.num_blocks.sum())
             self.kv_blocks_scored = round(scored * self.sparse_layers / max(1, len(self.specs)))
+
+    def kv_reads(self) -> dict[str, int]:
+        """This step's KV accounting, as `StepShape` takes it (cost/shapes.py)."""
+        return {
+            "kv_tokens_read": self.kv_tokens_read,
+            "kv_tokens_shared": self.kv_tokens_shared,
+            "shared_groups": self.shared_groups,
+            "kv_blocks_scored": self.kv_blocks_scored,
+            "kv_tokens_skipped": self.kv_tokens_skipped,
+        }
 
     def _sparse_saving(self) -> float:
         """Tokens per layer (mean over layers) block top-k does not read, vs dense."""

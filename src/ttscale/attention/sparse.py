@@ -61,6 +61,26 @@ class SparseRows:
         return int((self.keep * self.block_size - unused).sum())
 
 
+def sparse_row_indices(
+    query_lens: list[int], context_lens: list[int], budgets: list[int | None]
+) -> list[int]:
+    """The sequences whose row reads block top-k this step: decode rows (one query token)
+    whose context exceeds their budget; the rest stay dense, so budget >= context is exactly
+    dense attention. One rule for every backend (base.py, models/fused.py)."""
+    return [
+        i
+        for i, (q, c, b) in enumerate(zip(query_lens, context_lens, budgets, strict=True))
+        if q == 1 and b is not None and c > b
+    ]
+
+
+def kept_tokens(context: int, budget: int, block_size: int) -> int:
+    """Context tokens a block top-k row reads per sparse layer: its kept whole blocks, less
+    the unwritten tail of the current block (`SparseRows.tokens_read` for one row)."""
+    blocks = -(-context // block_size)
+    return min(budget // block_size, blocks) * block_size - (blocks * block_size - context)
+
+
 def sparse_rows(
     rows: list[int],
     block_tables: list[list[int]],

@@ -3,7 +3,7 @@
 //
 // Why: at batch 1 a Llama layer is ~80 small eager ops from Python (norms, RoPE, SiLU-mul,
 // residuals, casts, index work), each paying Python and dispatcher time; over 30 layers that
-// was most of a decode step (docs/BENCHMARKS.md, "A decode step in one C++ call"). Here the
+// was most of a decode step (models/fused.py; docs/BENCHMARKS.md, "Session 6"). Here the
 // per-layer work is four matmul kernel calls (torch's int4 / int8 weight-only CPU kernels,
 // the same the eager path uses) and six fused loops.
 //
@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -59,12 +58,11 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
 // (packed codes, scales_zeros, group); int8: (codes, per-row scales); `dense`: a oneDNN-packed
 // bf16 copy, used for steps of more than `gemv_rows` rows (the quantized kernels are
 // GEMV-style, quant.GEMV_ROWS) or always (kind 2: a bf16 model's own weight). Outputs are
-// bf16 (T, N'), N' >= out_features (int4 pads N to 16); readers use the row stride.
+// bf16 (T, N'), N' >= the layer's width (int4 pads N to 16); readers use the row stride.
 struct QLinear {
   int64_t kind = 0;  // 0 int4, 1 int8, 2 oneDNN only
   at::Tensor a, b, dense;
   int64_t group = 0;
-  int64_t out_features = 0;
   at::Tensor bias;  // model dtype, or undefined
 
   at::Tensor mm(const at::Tensor& x, int64_t gemv_rows) const {
@@ -100,7 +98,7 @@ void rms_norm_bf16(const T* x, const T* w, BFloat16* out, int64_t n, float eps) 
   }
 }
 
-// x += T(delta) (the residual add of a bf16 matmul output), then out = norm(x) (or nothing).
+// x += T(delta): the residual add of a bf16 matmul output, rounded as eager rounds it.
 template <typename T>
 void add_residual(T* x, const BFloat16* delta, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -114,7 +112,7 @@ typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
 constexpr int kMaxGroup = 8;   // query heads per KV head the fast loop keeps in registers
 constexpr int kMaxChunks = 8;  // head_dim / 16 (head_dim <= 128)
-constexpr int kMaxBlock = 64;  // block_size (a multiple of 16 lanes)
+constexpr int kMaxBlock = 64;  // largest block_size (a block's scores fill whole 16-lane rows)
 
 inline v16 splat(float x) { return v16{} + x; }
 
@@ -654,8 +652,8 @@ class DecodeStack {
 };
 
 QLinear make_linear(
-    int64_t kind, at::Tensor a, at::Tensor b, int64_t group, int64_t out_features,
-    c10::optional<at::Tensor> bias, c10::optional<at::Tensor> dense) {
+    int64_t kind, at::Tensor a, at::Tensor b, int64_t group, c10::optional<at::Tensor> bias,
+    c10::optional<at::Tensor> dense) {
   TORCH_CHECK(kind >= 0 && kind <= 2, "linear kind: 0 int4, 1 int8, 2 oneDNN");
   TORCH_CHECK(kind != 2 || dense.has_value(), "a oneDNN linear needs its packed weight");
   QLinear l;
@@ -663,7 +661,6 @@ QLinear make_linear(
   l.a = a;
   l.b = b;
   l.group = group;
-  l.out_features = out_features;
   if (bias.has_value()) l.bias = bias->contiguous();
   if (dense.has_value()) l.dense = *dense;
   return l;

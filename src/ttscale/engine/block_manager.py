@@ -27,7 +27,8 @@ Deterministic allocation order (tests rely on it)
    as possible: the pool is allocated uninitialized, so a never-used block costs a page fault
    on first write, and a recently used one is likely still in cache. (A FIFO queue walked the
    whole pool before reusing anything: every long run touched every page.)
-5. With ``reuse_cached_first`` (off by default), step 3 comes before step 2 whenever the
+5. With ``evict_before_growing`` (the engine's default, `CacheConfig.evict_before_growing`;
+   off for a bare `BlockManager`), step 3 comes before step 2 whenever the
    free queue's head is a never-used block: the least-recently-freed evictable block is taken
    before the pool grows into untouched pages. Freed (touched) blocks still come first.
 
@@ -38,7 +39,7 @@ blocks (its resident pages) grow only when no touched block is free: at any time
 the peak of ``used + evictable`` so far. With prefix caching every full block a finished
 sequence leaves behind stays cached (evictable) until the free queue runs dry, so a long run
 grows the resident pool up to its whole size, the cache with it (docs/PERF_RSS.md measures a
-benchmark run: 794 blocks touched for a peak of 584 in use). ``reuse_cached_first`` bounds
+benchmark run: 794 blocks touched for a peak of 584 in use). ``evict_before_growing`` bounds
 the touched blocks by the peak in use instead, at the cost of a prefix cache that keeps only
 what fits beside the working set in those blocks. ``stats()["touched"]`` counts them.
 
@@ -93,7 +94,7 @@ class BlockManager:
     block_size: int = 16
     enable_prefix_caching: bool = True
     # Evict a cached block rather than take a never-used one (see "Resident memory" above).
-    reuse_cached_first: bool = False
+    evict_before_growing: bool = False
 
     # Per-block state, indexed by block id.
     _ref: list[int] = field(init=False, repr=False)
@@ -505,10 +506,10 @@ class BlockManager:
         return self._ref[tail] > 1 or self._key[tail] is not None
 
     def _alloc(self) -> int:
-        """Pop a block (free-queue head, else oldest evictable; with ``reuse_cached_first`` the
+        """Pop a block (free-queue head, else oldest evictable; with ``evict_before_growing`` the
         oldest evictable before a never-used one) and give it ref 1."""
         free = self._free
-        if free and not (self.reuse_cached_first and self._evictable and free[0] >= self._fresh):
+        if free and not (self.evict_before_growing and self._evictable and free[0] >= self._fresh):
             b = free.popleft()
             if b >= self._fresh:
                 self._fresh = b + 1

@@ -72,7 +72,7 @@ class LLMEngine:
             self.executor.num_blocks,
             cache_config.block_size,
             cache_config.enable_prefix_caching,
-            reuse_cached_first=cache_config.evict_before_growing,
+            evict_before_growing=cache_config.evict_before_growing,
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()

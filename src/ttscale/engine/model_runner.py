@@ -13,7 +13,7 @@ from ttscale.engine.executor import StepResult
 from ttscale.engine.scheduler import SchedulerOutput
 from ttscale.kvcache import CacheConfig, make_kv_cache, slot_mapping
 from ttscale.models.compiled import CompileConfig, CompiledForward
-from ttscale.models.fused import FusedDecode, fused_unsupported, load_extension
+from ttscale.models.fused import make_fused
 from ttscale.models.llama import HiddenCapture
 from ttscale.models.quant import kv_dtype
 
@@ -45,16 +45,11 @@ class ModelRunner:
         context = min(mc.max_position_embeddings, self.num_blocks * config.block_size)
         compile_config = compile_config or CompileConfig()
         self.forward = CompiledForward(model, compile_config, context)
-        # Small steps of a quantized model as one C++ call (models/fused.py), when it can.
-        self.fused: FusedDecode | None = None
-        self.fused_off: str | None = "fused=False"
-        if compile_config.fused:
-            self.fused_off = fused_unsupported(model, self.kv_cache)
-            ext = load_extension() if self.fused_off is None else None
-            if self.fused_off is None and ext is None:
-                self.fused_off = "the extension did not build (see the log)"
-            if ext is not None:
-                self.fused = FusedDecode(model, self.kv_cache, ext, self.specs)
+        # Small steps of a quantized or bf16 model as one C++ call (models/fused.py), when
+        # it can; `fused_off` says why not.
+        self.fused, self.fused_off = make_fused(
+            model, self.kv_cache, self.specs, compile_config.fused
+        )
 
     def execute(self, batch: SchedulerOutput) -> StepResult:
         # Inference mode like the forward: caches may create buffers inside a forward
@@ -94,25 +89,17 @@ class ModelRunner:
         positions_t = torch.tensor(positions, device=self.device)
         if self.fused is not None and self.fused.accepts(meta, capture):
             hidden = self.fused(ids_t, positions_t, meta)
-            shape = StepShape(
-                query_lens=tuple(meta.query_lens),
-                context_lens=tuple(meta.context_lens),
-                num_logits=len(logit_rows),
-                **self.fused.kv_reads(meta),
-            )
+            reads = self.fused.kv_reads(meta)
         else:
             attn = self.attention_cls(self.kv_cache, meta, self.specs)
             hidden = self.forward(ids_t, positions_t, attn, capture)
-            shape = StepShape(
-                query_lens=tuple(meta.query_lens),
-                context_lens=tuple(meta.context_lens),
-                kv_tokens_read=attn.kv_tokens_read,
-                num_logits=len(logit_rows),
-                kv_tokens_shared=attn.kv_tokens_shared,
-                shared_groups=attn.shared_groups,
-                kv_blocks_scored=attn.kv_blocks_scored,
-                kv_tokens_skipped=attn.kv_tokens_skipped,
-            )
+            reads = attn.kv_reads()
+        shape = StepShape(
+            query_lens=tuple(meta.query_lens),
+            context_lens=tuple(meta.context_lens),
+            num_logits=len(logit_rows),
+            **reads,
+        )
         if logit_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
         else:

@@ -10,17 +10,21 @@ the small ops fused into loops, and paged attention read straight from the block
 the final norm.
 
 What it takes (`fused_unsupported` says why not, and the engine then runs eager):
-- a Llama-family model on CPU whose decoder matmuls are all quantized (models/quant.py:
-  the GGUF's own Q4 codes, or quantize="int4"/"int8"), no q/k norm, no soft cap, no window;
-- a float KV pool (fp32/bf16; quantized pools and block top-k run eager);
-- per step: at most quant.GEMV_ROWS tokens (decode rows, short verification chunks; bigger
-  steps use the bf16 weight copy through oneDNN, eager) and no hidden-state capture.
-Each token reads its sequence's whole context (no cascade: a fork group's shared prefix is
-read once per row, which at <= 8 rows costs less than building the groups).
+- a Llama-family model on CPU whose decoder matmuls are quantized (models/quant.py: the
+  GGUF's own Q4 codes, or quantize="int4"/"int8") or bf16 (dtype="bfloat16"); no q/k norm,
+  no soft cap, no window;
+- an fp32, bf16 or int8 KV pool (kivi pools run eager), dense or block top-k (the selection
+  of attention/sparse.py, the pool's block mean keys kept up on every write);
+- per step: at most MAX_ROWS tokens (decode rows, verification chunks, small prefills; rows
+  over quant.GEMV_ROWS use the matmuls' oneDNN bf16 copies) and no hidden-state capture.
+Each row visits its own context in place (no cascade pass); the rows of one KV head run
+back to back, so a prefix forks share comes from memory once and from cache after
+(`FusedDecode.kv_reads` reports it so to the cost model).
 
 The extension is compiled on first use with the machine's C++ compiler
-(torch.utils.cpp_extension, -O3 -march=native, ninja from the pip package; ~30 s once, cached in
-$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, keyed by source and CPU flags).
+(torch.utils.cpp_extension, -O3 -march=native, ninja from the pip package; ~30 s once,
+cached in $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, keyed by source and CPU
+flags).
 `make setup` builds it. A build failure logs one line and the engine runs eager.
 """
 
@@ -41,7 +45,7 @@ from typing import Any
 import torch
 
 from ttscale.attention.metadata import AttentionMetadata
-from ttscale.attention.sparse import BlockTopK
+from ttscale.attention.sparse import BlockTopK, kept_tokens, sparse_row_indices
 from ttscale.attention.spec import AttentionLayerSpec
 from ttscale.kvcache.pool import KVCache
 from ttscale.kvcache.quant import Int8KVCache
@@ -172,6 +176,21 @@ def _linears(layer: Any) -> list[Linear]:
     ]
 
 
+def make_fused(
+    model: torch.nn.Module, cache: KVCache, specs: Sequence[AttentionLayerSpec], enabled: bool
+) -> tuple[FusedDecode | None, str | None]:
+    """The engine's fused step for `model` over `cache`, or None and why not."""
+    if not enabled:
+        return None, "fused=False"
+    reason = fused_unsupported(model, cache)
+    if reason is not None:
+        return None, reason
+    ext = load_extension()
+    if ext is None:
+        return None, "the extension did not build (see the log)"
+    return FusedDecode(model, cache, ext, specs), None
+
+
 class FusedDecode:
     """The decoder stack of `model` as one C++ object over `cache`'s pools; `accepts` says
     whether a step can run here, `__call__` runs it (embedding and final norm in Python).
@@ -219,29 +238,28 @@ class FusedDecode:
         w, kind, dense = linear.qweight, _kind(linear), _dense(linear)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         if isinstance(w, Int4Weight):
-            return ext.make_linear(
-                kind, w.packed, w.scales_zeros, w.group_size, w.out_features, bias, dense
-            )
+            return ext.make_linear(kind, w.packed, w.scales_zeros, w.group_size, bias, dense)
         if isinstance(w, Int8Weight):
-            return ext.make_linear(kind, w.codes, w.scales, 0, w.out_features, bias, dense)
+            return ext.make_linear(kind, w.codes, w.scales, 0, bias, dense)
         empty = torch.empty(0)
-        return ext.make_linear(kind, empty, empty, 0, linear.out_features, bias, dense)
+        return ext.make_linear(kind, empty, empty, 0, bias, dense)
 
     def accepts(self, meta: AttentionMetadata, capture: object | None) -> bool:
         """Steps of at most `max_rows` tokens without hidden-state capture."""
         return capture is None and len(meta.slot_mapping) <= self.max_rows
 
     def _budgets(self, meta: AttentionMetadata) -> list[int] | None:
-        """Per sequence, its block top-k budget where it reads sparsely this step (a decode
-        row whose context exceeds its budget, as attention/base.py decides), else 0; None:
-        no sequence does."""
+        """Per sequence, its block top-k budget where it reads sparsely this step
+        (`sparse.sparse_row_indices`, the rule every backend uses), else 0; None: none does."""
         if meta.kv_budgets is None or not self.sparse_layers:
             return None
-        budgets = [
-            b if q == 1 and b is not None and c > b else 0
-            for q, c, b in zip(meta.query_lens, meta.context_lens, meta.kv_budgets, strict=True)
-        ]
-        return budgets if any(budgets) else None
+        rows = sparse_row_indices(meta.query_lens, meta.context_lens, meta.kv_budgets)
+        if not rows:
+            return None
+        budgets = [0] * len(meta.query_lens)
+        for i in rows:
+            budgets[i] = meta.kv_budgets[i]  # type: ignore[assignment]
+        return budgets
 
     def kv_reads(self, meta: AttentionMetadata) -> dict[str, int]:
         """What the step's attention read from memory, per layer (mean over layers), for the
@@ -265,16 +283,15 @@ class FusedDecode:
             share = self.sparse_layers / len(self.model.layers)
             for c, b in zip(meta.context_lens, budgets, strict=True):
                 if b:
-                    blocks = -(-c // bs)
-                    kept = min(b // bs, blocks) * bs - (blocks * bs - c)
-                    skipped += (c - kept) * share
-                    scored += blocks * share
+                    skipped += (c - kept_tokens(c, b, bs)) * share
+                    scored += -(-c // bs) * share
         read = max(0, len(readers) * bs + partial - round(skipped))
         return {
             "kv_tokens_read": read,
             "kv_tokens_shared": min(shared, read),
-            "kv_tokens_skipped": round(skipped),
+            "shared_groups": 0,  # no separate prefix pass to pay for
             "kv_blocks_scored": round(scored),
+            "kv_tokens_skipped": round(skipped),
         }
 
     def __call__(

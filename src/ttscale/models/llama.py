@@ -25,7 +25,7 @@ from ttscale.loader.checkpoint import GroupQuantized
 from ttscale.loader.memory import release_free_memory
 from ttscale.models.config import ModelConfig
 from ttscale.models.layers import Linear, QuantizedEmbedding, RMSNorm, RotaryEmbedding
-from ttscale.models.quant import cat_rows
+from ttscale.models.quant import cat_rows, quantized_decoder
 
 # Weights packed between two hand-backs of freed heap memory while streaming a load.
 _TRIM_EVERY = 4_000_000
@@ -141,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in self.attention_specs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._quantized: bool | None = None  # quantized_decoder(self), once weights are in
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -166,7 +167,8 @@ class LlamaForCausalLM(nn.Module):
         i = after decoder layer i - 1, num_layers = after the final norm.
         """
         x = self.embed_tokens(input_ids)
-        if capture is None and x.dtype == torch.float32 and self._bf16_rows(x.shape[0]):
+        dtype = x.dtype
+        if capture is None and dtype == torch.float32 and self._bf16_rows(x.shape[0]):
             x = x.to(torch.bfloat16)
         if capture is not None:
             capture.take(0, x)
@@ -177,30 +179,27 @@ class LlamaForCausalLM(nn.Module):
         x = self.norm(x)
         if capture is not None:
             capture.take(len(self.layers), x)
-        return x
+        return x.to(dtype)  # a bf16 step's rows back in the model's dtype (a no-op otherwise)
 
     def _bf16_rows(self, rows: int) -> bool:
         """Whether a step of `rows` tokens runs in bf16 activations: steps over
-        BF16_STEP_ROWS tokens (prefill chunks, wide batches) of a model with quantized
-        matmuls, whose kernels take bf16 inputs anyway. fp32 there only adds a cast around
-        every matmul and doubles the bytes of every elementwise op: a 1000-token prefill of
-        the embedded model took 810 ms against 604 for the bf16 model, the same SDPA and
-        matmul time (docs/BENCHMARKS.md, "Session 6"). Smaller steps keep fp32 (the fused
-        step, models/fused.py); steps that capture hidden states keep the model's dtype."""
+        BF16_STEP_ROWS tokens (prefill chunks, wide batches) of a model whose decoder
+        matmuls are quantized (`quant.quantized_decoder`): their kernels take bf16 inputs
+        anyway, and fp32 there only adds a cast around every matmul and doubles the bytes of
+        every elementwise op (a 1000-token prefill of the embedded model: 810 ms against 604
+        for the bf16 model, the same SDPA and matmul time; docs/BENCHMARKS.md, "Session 6").
+        Smaller steps keep fp32 (the fused step, models/fused.py); steps that capture hidden
+        states keep the model's dtype."""
         if rows <= BF16_STEP_ROWS:
             return False
-        quantized = getattr(self, "_quantized", None)
-        if quantized is None:  # every decoder matmul: a float one would get bf16 input
-            linears = [m for m in self.layers.modules() if isinstance(m, Linear)]
-            quantized = bool(linears) and all(m.qweight is not None for m in linears)
-            self._quantized = quantized
-        return quantized
+        if self._quantized is None:  # weights are set after __init__: asked on first use
+            self._quantized = quantized_decoder(self)
+        return self._quantized
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden_size) -> fp32 logits (N, vocab_size)."""
-        # A bf16 step's rows (_bf16_rows) go back to the model's dtype: a float head needs it.
-        return self.lm_head(hidden.to(self.norm.weight.dtype)).float()
+        return self.lm_head(hidden).float()
 
     # ---- weights ------------------------------------------------------------------------
 

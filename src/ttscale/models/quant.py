@@ -190,6 +190,19 @@ class Int8Weight(_WithDense):
 QuantizedWeight = Int4Weight | Int8Weight
 
 
+def quantized_decoder(model: torch.nn.Module) -> bool:
+    """Whether every matmul of the model's decoder layers computes on quantized codes (the
+    default GGUF's): their kernels take bf16 activations, which is what `kv_dtype` and the
+    bf16 large steps (llama.py, `LlamaForCausalLM._bf16_rows`) rest on. The LM head is not
+    asked: it casts what it is given."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return False
+    # A ModuleList, or a plain list (a layer-skip draft's subset of its target's layers).
+    linears = [m for layer in layers for m in layer.modules() if hasattr(m, "qweight")]
+    return bool(linears) and all(m.qweight is not None for m in linears)
+
+
 def kv_dtype(model: torch.nn.Module) -> torch.dtype:
     """The float dtype `kv_cache_dtype="auto"` stores: the weights' dtype, but bf16 for a
     model with quantized matmuls, whose kernels compute in bf16 anyway (llama.cpp keeps its
@@ -198,8 +211,7 @@ def kv_dtype(model: torch.nn.Module) -> torch.dtype:
     KV and 31.0% with fp32 KV (5 / 8 problems only fp32 / only bf16 got right, McNemar
     p = 0.58; docs/BENCHMARKS.md, "Session 6")."""
     weights = next(model.parameters()).dtype
-    quantized = any(getattr(m, "qweight", None) is not None for m in model.modules())
-    return torch.bfloat16 if quantized and weights == torch.float32 else weights
+    return torch.bfloat16 if weights == torch.float32 and quantized_decoder(model) else weights
 
 
 def kernel_for(weight: GroupQuantized) -> str:
